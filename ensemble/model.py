@@ -1,0 +1,48 @@
+"""The reference CNN (6,101,642 parameters at width 1) and its optimizer, in plain Keras 3."""
+
+from __future__ import annotations
+
+import keras
+
+from ensemble.config import ModelConfig, TrainConfig
+from ensemble.data import IMAGE_SIDE, NUM_CLASSES
+
+CONV_FILTERS = (256, 512, 1024)
+
+
+def build_model(config: ModelConfig) -> keras.Model:
+    """Input: raw pixels 0..255, shape (28, 28, 1). Output: float32 logits over the 10 digits."""
+    regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
+    inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="pixels")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    for block, filters in enumerate(CONV_FILTERS):
+        x = keras.layers.Conv2D(
+            max(1, round(filters * config.width)),
+            3,
+            padding="same",
+            use_bias=False,  # BatchNorm's offset makes a bias redundant
+            kernel_regularizer=regularizer,
+        )(x)
+        x = keras.layers.BatchNormalization(momentum=config.bn_momentum)(x)
+        x = keras.layers.ReLU()(x)
+        if block < len(CONV_FILTERS) - 1:
+            x = keras.layers.MaxPooling2D(2)(x)
+    # Dense on a 4-D tensor acts on the channel axis: the same 128 units at each of the 7x7 positions.
+    x = keras.layers.Dense(config.dense_units, activation="relu", kernel_regularizer=regularizer)(x)
+    x = keras.layers.Dropout(config.dropout)(x)
+    x = keras.layers.Flatten()(x)
+    # float32 logits whatever the compute precision: the vote averages them.
+    outputs = keras.layers.Dense(NUM_CLASSES, kernel_regularizer=regularizer, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name="digit_cnn")
+
+
+def compile_model(model: keras.Model, config: TrainConfig) -> None:
+    """Adam on the seed's exponential decay schedule, cross-entropy on logits."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        config.learning_rate, decay_steps=config.decay_steps, decay_rate=config.decay_rate
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )

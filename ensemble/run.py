@@ -1,0 +1,259 @@
+"""Train an ensemble and write its submission: `python -m ensemble.run --config configs/quickstart.yaml`.
+
+The driver reads the data once, puts it in Ray's object store, and runs one Ray Tune trial per
+member; each trial fits its member as a Ray Train run (`TensorflowTrainer`, one worker) whose
+checkpoints live under `<output_dir>/members/<member>/`. Ray does the scheduling: members that
+do not fit the cluster's free resources wait for a slot. Once all have finished, the driver
+averages their logits and writes `submission.csv` and `report.json` into the output directory.
+
+Running the same command again with the same output directory resumes: finished members are
+not retrained and unfinished ones continue from their last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
+from ensemble.data import DataError, EnsembleData, prepare
+from ensemble.outputs import summary_table, write_json, write_submission
+from ensemble.plan import MemberSpec, plan_members
+from ensemble.vote import accuracy, soft_vote
+
+# Set before TensorFlow is first imported (lazily, after the inputs are checked) and inherited by the
+# local cluster's processes: fewer TensorFlow C++ info lines, and no second copy of every print from
+# Ray Train (members print one progress line per epoch).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+TRIAL_MEMORY_BYTES = 512 * 1024**2
+REPORTED_PACKAGES = ("tensorflow", "keras", "ray", "numpy", "pandas", "pyarrow", "scikit-learn")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ensemble.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
+    parser.add_argument(
+        "--data-dir", help="directory holding Kaggle's train.csv and test.csv (sets data.source=kaggle)"
+    )
+    parser.add_argument("--output-dir", help="where results go (default: runs/<config name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit without training")
+    return parser.parse_args(argv)
+
+
+def member_resources(config: ResourcesConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """Ray resources for one member's worker; `gpus_per_member: auto` means 1 GPU if the cluster has any."""
+    gpus = config.gpus_per_member
+    if gpus == "auto":
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    return {"CPU": config.cpus_per_member, "GPU": gpus}
+
+
+def parallel_members(config: Config, resources: dict[str, float], cluster: dict[str, float]) -> int:
+    """How many members run at once: the config's cap, else as many as the cluster's resources hold."""
+    if config.resources.max_parallel_members is not None:
+        return config.resources.max_parallel_members
+    fits = [math.floor(cluster.get(name, 0) / amount + 1e-9) for name, amount in resources.items() if amount > 0]
+    return max(1, min([config.ensemble.members, *fits]))
+
+
+def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData) -> None:
+    from ensemble.model import build_model
+
+    print(f"output dir: {config.output_dir}")
+    print(
+        f"data: {len(data.pool_labels)} pool images ({1 - config.data.val_fraction:.0%} train / "
+        f"{config.data.val_fraction:.0%} validation per member), {len(data.holdout_labels)} holdout, "
+        f"{len(data.test_images)} test"
+    )
+    resources = config.resources
+    print(
+        f"resources per member: {resources.cpus_per_member} CPU, {resources.gpus_per_member} GPU; "
+        f"at most {resources.max_parallel_members or 'as many as fit'} at once"
+    )
+    print(f"model: width {config.model.width}, {build_model(config.model).count_params():,} parameters")
+    print(f"{'member':<10}{'seed':>12}{'split seed':>12}{'strength':>10}")
+    for spec in plan:
+        print(f"{spec.name:<10}{spec.seed:>12}{spec.split_seed:>12}{spec.strength:>10.3f}")
+
+
+def check_output_dir(output_dir: Path, config: Config) -> None:
+    """A rerun may resume a run only with the same config; otherwise its checkpoints would be mixed in."""
+    saved = output_dir / "config.json"
+    if saved.exists() and json.loads(saved.read_text()) != config.to_dict():
+        raise ConfigError(
+            f"{output_dir} holds a run with a different config ({saved}); use another --output-dir "
+            "or the same config to resume it"
+        )
+
+
+def run_member(trial_config: dict[str, Any], config: Config, data_ref: tuple, resources: dict[str, float]) -> dict:
+    """Ray Tune trial: fit one member as a Ray Train run and return its final checkpoint's path."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from ensemble.member import train_member
+
+    spec = MemberSpec(**trial_config["member"])
+    use_gpu = resources["GPU"] > 0
+    trainer = TensorflowTrainer(
+        train_member,
+        train_loop_config={"config": config, "member": spec, "data_ref": data_ref[0], "cpus": resources["CPU"]},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1,
+            use_gpu=use_gpu,
+            resources_per_worker=resources if use_gpu else {"CPU": resources["CPU"]},
+        ),
+        run_config=ray.train.RunConfig(
+            name=spec.name,
+            storage_path=str(Path(config.output_dir).resolve() / "members"),
+            failure_config=ray.train.FailureConfig(max_failures=config.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    return {"checkpoint_path": result.checkpoint.path}
+
+
+def train_members(config: Config, plan: list[MemberSpec], data: EnsembleData) -> tuple[list[dict], list[dict]]:
+    """Run every member through Ray; returns (finished members with their logits, failed members)."""
+    import ray
+    from ray import tune
+
+    # Inside `ray job submit` or with RAY_ADDRESS set this joins that cluster; otherwise it starts a local one.
+    ray.init(logging_level="warning", log_to_driver=True)
+    cluster = ray.cluster_resources()
+    resources = member_resources(config.resources, cluster)
+    # The data goes into the object store once; members read it from there. The reference is wrapped
+    # in a tuple because with_parameters would otherwise resolve it to the data itself in every trial.
+    data_ref = (ray.put(data),)
+    trainable = tune.with_parameters(run_member, config=config, data_ref=data_ref, resources=resources)
+    tuner = tune.Tuner(
+        # The trial only waits on its Ray Train run: the member's worker holds the CPUs and GPUs,
+        # the trial process just memory (it imports TensorFlow through TensorflowTrainer).
+        tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}),
+        param_space={"member": tune.grid_search([dataclasses.asdict(spec) for spec in plan])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=parallel_members(config, resources, cluster)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(Path(config.output_dir).resolve() / "ray"), verbose=0),
+    )
+    finished, failed = [], []
+    for result in tuner.fit():
+        spec = MemberSpec(**result.config["member"])
+        if result.error is not None:
+            failed.append({"name": spec.name, "error": str(result.error).strip().splitlines()[-1]})
+            continue
+        finished.append(load_member(spec, result.metrics["checkpoint_path"]))
+    return sorted(finished, key=lambda member: member["index"]), failed
+
+
+def load_member(spec: MemberSpec, checkpoint_path: str) -> dict[str, Any]:
+    import ray.train
+
+    from ensemble.member import LOGITS_FILE, STATE_FILE
+
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as directory:
+        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        with np.load(Path(directory) / LOGITS_FILE) as logits:
+            holdout_logits, test_logits = logits["holdout"], logits["test"]
+    return {
+        "name": spec.name,
+        **dataclasses.asdict(spec),
+        "epochs": state["epochs"],
+        "best_epoch": state["best_epoch"],
+        "val_accuracy": state["val_accuracy"],
+        "holdout_accuracy": state["holdout_accuracy"],
+        "train_seconds": round(sum(epoch["seconds"] for epoch in state["history"]), 2),
+        "checkpoint": checkpoint_path,
+        "holdout_logits": holdout_logits,
+        "test_logits": test_logits,
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in REPORTED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    args = parse_args(argv)
+    overrides: list[str | dict] = list(args.set)
+    if args.data_dir:
+        overrides.append({"data": {"source": "kaggle", "dir": args.data_dir}})
+    if args.output_dir:
+        overrides.append({"output_dir": args.output_dir})
+    try:
+        config = load_config(args.config, overrides)
+        output_dir = Path(config.output_dir)
+        check_output_dir(output_dir, config)
+        data = prepare(config.data)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    plan = plan_members(config.ensemble)
+    if args.dry_run:
+        print_plan(config, plan, data)
+        return 0
+
+    data_seconds = time.time() - started
+    write_json(output_dir / "config.json", config.to_dict())
+    finished, failed = train_members(config, plan, data)
+    required = config.ensemble.min_members or config.ensemble.members
+    for member in failed:
+        print(f"{member['name']} failed: {member['error']}", file=sys.stderr)
+    if len(finished) < required:
+        print(
+            f"error: {len(finished)} of {len(plan)} members finished, {required} needed to vote; finished members "
+            f"are kept under {output_dir / 'members'}; rerun the same command to resume the others",
+            file=sys.stderr,
+        )
+        return 1
+
+    _, holdout_predictions = soft_vote(np.stack([member["holdout_logits"] for member in finished]))
+    _, test_predictions = soft_vote(np.stack([member["test_logits"] for member in finished]))
+    ensemble_holdout = accuracy(holdout_predictions, data.holdout_labels)
+    members = [{k: v for k, v in member.items() if not k.endswith("_logits")} for member in finished]
+    report = {
+        "members": members,
+        "failed_members": failed,
+        "ensemble": {
+            "vote": "mean of logits",
+            "members": [member["name"] for member in members],
+            "holdout_size": len(data.holdout_labels),
+            "holdout_accuracy": ensemble_holdout,
+            **({} if ensemble_holdout is not None else {"note": "no holdout: data.holdout_fraction is 0"}),
+        },
+        "timings": {
+            "data_seconds": round(data_seconds, 2),
+            "total_seconds": round(time.time() - started, 2),
+        },
+        "config": config.to_dict(),
+        "versions": package_versions(),
+    }
+    write_submission(output_dir / "submission.csv", test_predictions)
+    write_json(output_dir / "report.json", report)
+    print(summary_table(members, ensemble_holdout))
+    print(f"wrote {output_dir / 'submission.csv'} and {output_dir / 'report.json'} in {time.time() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The real thing: `python -m ensemble.run` through Ray and TensorFlow on real digits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ensemble.vote import soft_vote
+
+from .conftest import REPO, SHARED_DATA
+
+
+def run_ensemble(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "ensemble.run", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_submission(path: Path) -> tuple[list[str], np.ndarray]:
+    lines = path.read_text().splitlines()
+    rows = np.array([[int(value) for value in line.split(",")] for line in lines[1:]])
+    return lines, rows
+
+
+def member_files(output: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted((output / "members").rglob("*")) if path.is_file()}
+
+
+def test_quickstart_trains_votes_writes_and_resumes(tmp_path: Path) -> None:
+    output = tmp_path / "quickstart"
+    first = run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
+
+    lines, rows = read_submission(output / "submission.csv")
+    assert lines[0] == "ImageId,Label" and len(rows) == 1000
+    np.testing.assert_array_equal(rows[:, 0], np.arange(1, 1001))
+    assert set(rows[:, 1]) <= set(range(10)) and len(set(rows[:, 1])) == 10
+
+    report = json.loads((output / "report.json").read_text())
+    members = report["members"]
+    assert [member["name"] for member in members] == ["member-00", "member-01", "member-02"]
+    assert len({member["seed"] for member in members}) == 3
+    assert [member["strength"] for member in members] == [0.5, 1.0, 1.5]
+    for member in members:
+        assert 1 <= member["best_epoch"] <= member["epochs"] <= 8
+        assert member["val_accuracy"] > 0.8 and member["holdout_accuracy"] > 0.8
+    ensemble = report["ensemble"]
+    assert ensemble["holdout_size"] == 500
+    assert ensemble["holdout_accuracy"] >= 0.9
+    assert ensemble["holdout_accuracy"] >= max(member["holdout_accuracy"] for member in members) - 0.002
+    assert report["config"]["ensemble"]["members"] == 3 and report["versions"]["ray"].startswith("2.60")
+    assert "ensemble" in first.stdout and "member-02" in first.stdout  # the summary table
+
+    # Each member's saved logits reproduce the submission: a vote can be redone without training.
+    test_logits = []
+    for member in members:
+        checkpoint = Path(member["checkpoint"])
+        assert (checkpoint / "model.keras").is_file()
+        with np.load(checkpoint / "logits.npz") as logits:
+            assert logits["holdout"].shape == (500, 10)
+            test_logits.append(logits["test"])
+    np.testing.assert_array_equal(soft_vote(np.stack(test_logits))[1], rows[:, 1])
+
+    # The same command again resumes the finished run: nothing is retrained or rewritten under members/.
+    before = member_files(output)
+    run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
+    assert member_files(output) == before
+    assert read_submission(output / "submission.csv")[1].tolist() == rows.tolist()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "train.csv").exists(), reason="Kaggle's data is not in ../shared")
+def test_kaggle_slice_without_holdout(tmp_path: Path) -> None:
+    output = tmp_path / "kaggle"
+    run_ensemble(
+        "--config",
+        "configs/quickstart.yaml",
+        "--data-dir",
+        str(SHARED_DATA),
+        "--output-dir",
+        str(output),
+        "--set",
+        "data.max_train_rows=3000",
+        "--set",
+        "data.max_test_rows=400",
+        "--set",
+        "data.holdout_fraction=0",
+        "--set",
+        "ensemble.members=2",
+        "--set",
+        "train.max_epochs=4",
+    )
+    _, rows = read_submission(output / "submission.csv")
+    np.testing.assert_array_equal(rows[:, 0], np.arange(1, 401))
+    report = json.loads((output / "report.json").read_text())
+    assert report["ensemble"]["holdout_accuracy"] is None
+    assert report["ensemble"]["note"] == "no holdout: data.holdout_fraction is 0"
+    assert all(member["holdout_accuracy"] is None and member["val_accuracy"] > 0.8 for member in report["members"])
