@@ -203,6 +203,7 @@ def train_member(loop_config: dict[str, Any]) -> None:
         "best_epoch": best_epoch,
         "val_accuracy": history[best_epoch - 1]["val_accuracy"],
         "holdout_accuracy": holdout_accuracy,
+        "node_id": ray.get_runtime_context().get_node_id(),
         "spec": dataclasses.asdict(spec),
     }
     with tempfile.TemporaryDirectory() as directory:

@@ -1,43 +1,71 @@
-"""Output files, each written atomically: a reader sees the old file or the whole new one, never half."""
+"""Where a run's results live, and how they are written.
+
+A run's output location (`output_dir`) is a local path or a URI (`file://`, `s3://`, `gs://`)
+opened through pyarrow's filesystems, the same layer Ray uses for its checkpoints, so a bucket
+and a local disk go through the same code. Files are written to a temporary name and then
+moved into place: a rename on a local disk, a single upload on an object store; either way a
+reader sees the old file or the whole new one, never half of one.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow
+import pyarrow.fs
+
+from ensemble.config import ConfigError
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+class Storage:
+    def __init__(self, location: str):
+        self.is_local = "://" not in location or location.startswith("file://")
+        if "://" not in location:
+            location = str(Path(location).resolve())
+        try:
+            self.filesystem, self.root = pyarrow.fs.FileSystem.from_uri(location)
+        except (pyarrow.ArrowException, ValueError) as error:
+            raise ConfigError(f"output dir {location}: {str(error).splitlines()[0]}") from None
+        self.root = self.root.rstrip("/")
+        self.location = location
 
+    def path(self, *parts: str) -> str:
+        """A path inside the run, as `filesystem` (and Ray's `storage_filesystem`) expects it."""
+        return "/".join([self.root, *parts])
 
-def write_json(path: Path, value: Any) -> None:
-    write_atomic(path, json.dumps(value, indent=2) + "\n")
+    def relative(self, path: str) -> str:
+        """The part of a filesystem path below the run's root (how the report names files)."""
+        return path[len(self.root) :].lstrip("/")
+
+    def read_text(self, *parts: str) -> str | None:
+        """A file's text, or None when it does not exist."""
+        if self.filesystem.get_file_info(self.path(*parts)).type == pyarrow.fs.FileType.NotFound:
+            return None
+        with self.filesystem.open_input_stream(self.path(*parts)) as stream:
+            return stream.read().decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        final = self.path(*parts)
+        directory, name = final.rsplit("/", 1)
+        temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+        self.filesystem.create_dir(directory, recursive=True)
+        try:
+            with self.filesystem.open_output_stream(temporary) as stream:
+                stream.write(text.encode())
+            self.filesystem.move(temporary, final)
+        except BaseException:
+            if self.filesystem.get_file_info(temporary).type != pyarrow.fs.FileType.NotFound:
+                self.filesystem.delete_file(temporary)
+            raise
 
 
 def submission_csv(labels: np.ndarray) -> str:
     """Kaggle's format: header `ImageId,Label`, ImageId counting from 1 in test.csv's row order."""
     rows = (f"{image_id},{label}" for image_id, label in enumerate(labels.tolist(), start=1))
     return "\n".join(["ImageId,Label", *rows]) + "\n"
-
-
-def write_submission(path: Path, labels: np.ndarray) -> None:
-    write_atomic(path, submission_csv(labels))
 
 
 def summary_table(members: list[dict[str, Any]], ensemble_holdout: float | None) -> str:

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
 from ensemble.data import DataError, EnsembleData, prepare
-from ensemble.outputs import summary_table, write_json, write_submission
+from ensemble.outputs import Storage, submission_csv, summary_table
 from ensemble.plan import MemberSpec, plan_members
 from ensemble.vote import accuracy, soft_vote
 
@@ -39,6 +40,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 TRIAL_MEMORY_BYTES = 512 * 1024**2
+CONFIG_FILE, SUBMISSION_FILE, REPORT_FILE = "config.json", "submission.csv", "report.json"
+MEMBERS_DIR = "members"
 REPORTED_PACKAGES = ("tensorflow", "keras", "ray", "numpy", "pandas", "pyarrow", "scikit-learn")
 
 
@@ -90,18 +93,58 @@ def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData) -> No
         print(f"{spec.name:<10}{spec.seed:>12}{spec.split_seed:>12}{spec.strength:>10.3f}")
 
 
-def check_output_dir(output_dir: Path, config: Config) -> None:
+def check_output_dir(storage: Storage, config: Config) -> None:
     """A rerun may resume a run only with the same config; otherwise its checkpoints would be mixed in."""
-    saved = output_dir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != config.to_dict():
+    saved = storage.read_text(CONFIG_FILE)
+    if saved is not None and json.loads(saved) != config.to_dict():
         raise ConfigError(
-            f"{output_dir} holds a run with a different config ({saved}); use another --output-dir "
+            f"{storage.location} holds a run with a different config ({CONFIG_FILE}); use another --output-dir "
             "or the same config to resume it"
         )
 
 
-def run_member(trial_config: dict[str, Any], config: Config, data_ref: tuple, resources: dict[str, float]) -> dict:
-    """Ray Tune trial: fit one member as a Ray Train run and return its final checkpoint's path."""
+def check_storage_is_shared(storage: Storage) -> None:
+    """Refuse a local output path that some of the cluster's nodes cannot see.
+
+    Members write checkpoints wherever Ray schedules them; on a node that does not share the
+    path they would land on that node's own disk and be lost to the run. A marker file written
+    here must be visible from every alive node (a shared filesystem), or the run stops.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    if not storage.is_local or len(nodes) < 2:
+        return
+    marker = f".storage-check-{uuid.uuid4().hex}"
+    storage.write_text("", marker)
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return Path(path).exists()
+
+    try:
+        visible = ray.get(
+            [
+                sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                    storage.path(marker)
+                )
+                for node in nodes
+            ]
+        )
+    finally:
+        storage.filesystem.delete_file(storage.path(marker))
+    if not all(visible):
+        raise ConfigError(
+            f"output dir {storage.location} is not visible from {visible.count(False)} of the cluster's "
+            f"{len(nodes)} nodes; use a path on a filesystem every node mounts, or an s3:// or gs:// URI"
+        )
+
+
+def run_member(
+    trial_config: dict[str, Any], config: Config, storage: Storage, data_ref: tuple, resources: dict[str, float]
+) -> dict:
+    """Ray Tune trial: fit one member as a Ray Train run and return its final checkpoint's path in the run."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -119,35 +162,38 @@ def run_member(trial_config: dict[str, Any], config: Config, data_ref: tuple, re
         ),
         run_config=ray.train.RunConfig(
             name=spec.name,
-            storage_path=str(Path(config.output_dir).resolve() / "members"),
+            storage_path=storage.path(MEMBERS_DIR),
+            storage_filesystem=storage.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
     result = trainer.fit()
-    return {"checkpoint_path": result.checkpoint.path}
+    return {"checkpoint": storage.relative(result.checkpoint.path)}
 
 
-def train_members(config: Config, plan: list[MemberSpec], data: EnsembleData) -> tuple[list[dict], list[dict]]:
+def train_members(
+    config: Config, storage: Storage, plan: list[MemberSpec], data: EnsembleData
+) -> tuple[list[dict], list[dict]]:
     """Run every member through Ray; returns (finished members with their logits, failed members)."""
     import ray
     from ray import tune
 
-    # Inside `ray job submit` or with RAY_ADDRESS set this joins that cluster; otherwise it starts a local one.
-    ray.init(logging_level="warning", log_to_driver=True)
     cluster = ray.cluster_resources()
     resources = member_resources(config.resources, cluster)
     # The data goes into the object store once; members read it from there. The reference is wrapped
     # in a tuple because with_parameters would otherwise resolve it to the data itself in every trial.
     data_ref = (ray.put(data),)
-    trainable = tune.with_parameters(run_member, config=config, data_ref=data_ref, resources=resources)
+    trainable = tune.with_parameters(run_member, config=config, storage=storage, data_ref=data_ref, resources=resources)
     tuner = tune.Tuner(
         # The trial only waits on its Ray Train run: the member's worker holds the CPUs and GPUs,
         # the trial process just memory (it imports TensorFlow through TensorflowTrainer).
         tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}),
         param_space={"member": tune.grid_search([dataclasses.asdict(spec) for spec in plan])},
         tune_config=tune.TuneConfig(max_concurrent_trials=parallel_members(config, resources, cluster)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(Path(config.output_dir).resolve() / "ray"), verbose=0),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=storage.path("ray"), storage_filesystem=storage.filesystem, verbose=0
+        ),
     )
     finished, failed = [], []
     for result in tuner.fit():
@@ -155,16 +201,17 @@ def train_members(config: Config, plan: list[MemberSpec], data: EnsembleData) ->
         if result.error is not None:
             failed.append({"name": spec.name, "error": str(result.error).strip().splitlines()[-1]})
             continue
-        finished.append(load_member(spec, result.metrics["checkpoint_path"]))
+        finished.append(load_member(storage, spec, result.metrics["checkpoint"]))
     return sorted(finished, key=lambda member: member["index"]), failed
 
 
-def load_member(spec: MemberSpec, checkpoint_path: str) -> dict[str, Any]:
+def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> dict[str, Any]:
+    """A finished member's report entry and logits, read from its final checkpoint."""
     import ray.train
 
     from ensemble.member import LOGITS_FILE, STATE_FILE
 
-    with ray.train.Checkpoint(checkpoint_path).as_directory() as directory:
+    with ray.train.Checkpoint(storage.path(checkpoint), storage.filesystem).as_directory() as directory:
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         with np.load(Path(directory) / LOGITS_FILE) as logits:
             holdout_logits, test_logits = logits["holdout"], logits["test"]
@@ -176,7 +223,8 @@ def load_member(spec: MemberSpec, checkpoint_path: str) -> dict[str, Any]:
         "val_accuracy": state["val_accuracy"],
         "holdout_accuracy": state["holdout_accuracy"],
         "train_seconds": round(sum(epoch["seconds"] for epoch in state["history"]), 2),
-        "checkpoint": checkpoint_path,
+        "node_id": state["node_id"],
+        "checkpoint": checkpoint,
         "holdout_logits": holdout_logits,
         "test_logits": test_logits,
     }
@@ -202,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append({"output_dir": args.output_dir})
     try:
         config = load_config(args.config, overrides)
-        output_dir = Path(config.output_dir)
-        check_output_dir(output_dir, config)
+        storage = Storage(config.output_dir)
+        check_output_dir(storage, config)
         data = prepare(config.data)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -213,16 +261,25 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(config, plan, data)
         return 0
 
+    import ray
+
     data_seconds = time.time() - started
-    write_json(output_dir / "config.json", config.to_dict())
-    finished, failed = train_members(config, plan, data)
+    # Inside `ray job submit` or with RAY_ADDRESS set this joins that cluster; otherwise it starts a local one.
+    ray.init(logging_level="warning", log_to_driver=True)
+    try:
+        check_storage_is_shared(storage)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    storage.write_text(json.dumps(config.to_dict(), indent=2), CONFIG_FILE)
+    finished, failed = train_members(config, storage, plan, data)
     required = config.ensemble.min_members or config.ensemble.members
     for member in failed:
         print(f"{member['name']} failed: {member['error']}", file=sys.stderr)
     if len(finished) < required:
         print(
             f"error: {len(finished)} of {len(plan)} members finished, {required} needed to vote; finished members "
-            f"are kept under {output_dir / 'members'}; rerun the same command to resume the others",
+            f"are kept under {storage.location}/{MEMBERS_DIR}; rerun the same command to resume the others",
             file=sys.stderr,
         )
         return 1
@@ -248,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         "config": config.to_dict(),
         "versions": package_versions(),
     }
-    write_submission(output_dir / "submission.csv", test_predictions)
-    write_json(output_dir / "report.json", report)
+    storage.write_text(submission_csv(test_predictions), SUBMISSION_FILE)
+    storage.write_text(json.dumps(report, indent=2) + "\n", REPORT_FILE)
     print(summary_table(members, ensemble_holdout))
-    print(f"wrote {output_dir / 'submission.csv'} and {output_dir / 'report.json'} in {time.time() - started:.0f}s")
+    print(f"wrote {SUBMISSION_FILE} and {REPORT_FILE} to {storage.location} in {time.time() - started:.0f}s")
     return 0
 
 

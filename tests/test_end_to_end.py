@@ -60,7 +60,7 @@ def test_quickstart_trains_votes_writes_and_resumes(tmp_path: Path) -> None:
     # Each member's saved logits reproduce the submission: a vote can be redone without training.
     test_logits = []
     for member in members:
-        checkpoint = Path(member["checkpoint"])
+        checkpoint = output / member["checkpoint"]
         assert (checkpoint / "model.keras").is_file()
         with np.load(checkpoint / "logits.npz") as logits:
             assert logits["holdout"].shape == (500, 10)
