@@ -1,0 +1,72 @@
+"""Running `python -m ensemble.run` as a real process, watching its output as it goes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# One line per log record, each with its process prefix: tests look for lines and read pids from them.
+ENV = os.environ | {"RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+
+
+class EnsembleProcess:
+    """`python -m ensemble.run ARGS` in its own session, its output collected line by line."""
+
+    def __init__(self, *args: str):
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ensemble.run", *args],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own session: a kill can take the driver and its local cluster
+        )
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    @property
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 600) -> tuple[float, re.Match]:
+        """The time and match of the first output line matching `pattern`."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            for stamp, line in self.lines[seen:]:
+                if match := re.search(pattern, line):
+                    return stamp, match
+            seen = len(self.lines)
+            if self.process.poll() is not None and not self.reader.is_alive():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r}; output ends:\n{self.output[-3000:]}")
+
+    def finish(self, timeout: float = 900) -> int:
+        code = self.process.wait(timeout)
+        self.reader.join(30)
+        return code
+
+    def kill_everything(self) -> None:
+        """SIGKILL the driver and every process of its session (its local Ray cluster): a crash."""
+        subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], check=False)
+        self.process.wait(60)
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pgrep", "-s", str(self.process.pid)], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "processes of the killed run survived"
+            subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], check=False)
+            time.sleep(0.5)
+        self.reader.join(30)

@@ -1,0 +1,68 @@
+"""Crashes must not lose finished work: real Ray, real processes, real kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from .helpers import EnsembleProcess
+
+QUICK = ["--config", "configs/quickstart.yaml", "--set", "train.patience=10"]
+
+
+def checkpoint_files(member_dir: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(member_dir)): path.read_bytes()
+        for path in sorted(member_dir.glob("checkpoint_*/**/*"))
+        if path.is_file()
+    }
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    run = EnsembleProcess(
+        *QUICK, "--output-dir", str(output), "--set", "ensemble.members=2", "--set", "train.max_epochs=5"
+    )
+    _, match = run.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+member-00 epoch 3:")
+    os.kill(int(match[1]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    resumed_at, resumed = run.wait_for(r"member-00: resuming after epoch (\d+)")
+    assert run.finish() == 0, run.output[-3000:]
+
+    resumed_after = int(resumed[1])
+    assert resumed_after >= 2  # not started over: at most the epoch in flight is lost
+    print(f"worker killed during epoch 4; resumed after epoch {resumed_after} in {resumed_at - killed_at:.1f}s")
+    report = json.loads((output / "report.json").read_text())
+    assert [member["name"] for member in report["members"]] == ["member-00", "member-01"]
+    assert report["members"][0]["epochs"] == 5 and report["failed_members"] == []
+    assert run.output.count("member-00 epoch 1:") == 1  # epoch 1 was never trained again
+
+
+def test_rerun_after_driver_crash_keeps_finished_members_and_resumes_the_rest(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    args = [*QUICK, "--output-dir", str(output), "--set", "train.max_epochs=4", "--set", "ensemble.members=3"]
+    # One member at a time, so the crash finds one member finished, one half-way and one not started.
+    first = EnsembleProcess(*args, "--set", "resources.max_parallel_members=1")
+    first.wait_for(r"member-01 epoch 2:")
+    time.sleep(2)  # let epoch 2's checkpoint land
+    first.kill_everything()
+    assert not (output / "submission.csv").exists()
+    finished = checkpoint_files(output / "members" / "member-00")
+    assert finished
+
+    rerun = EnsembleProcess(*args, "--set", "resources.max_parallel_members=1")
+    resumed_at, resumed = rerun.wait_for(r"member-01: resuming after epoch (\d+)")
+    assert rerun.finish() == 0, rerun.output[-3000:]
+    print(
+        f"driver killed in member-01's epoch 3; rerun resumed it after epoch {resumed[1]} "
+        f"{resumed_at - rerun.started:.1f}s after starting"
+    )
+    assert int(resumed[1]) >= 1
+    assert "member-00 epoch" not in rerun.output  # the finished member was not retrained
+    assert checkpoint_files(output / "members" / "member-00") == finished
+    report = json.loads((output / "report.json").read_text())
+    assert [member["name"] for member in report["members"]] == ["member-00", "member-01", "member-02"]
+    assert len((output / "submission.csv").read_text().splitlines()) == 1001
