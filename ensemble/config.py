@@ -53,6 +53,10 @@ class TrainConfig:
     decay_rate: float = 0.91
     max_epochs: int = 1000
     patience: int = 10
+    # Keras dtype policy: "float32", or "mixed_bfloat16" / "mixed_float16" (fast on recent GPUs); the
+    # logits stay float32 either way.
+    precision: str = "float32"
+    jit_compile: bool | str = "auto"  # XLA; Keras' "auto" compiles when the model supports it
 
 
 @dataclass
@@ -192,6 +196,9 @@ def _validate(config: Config) -> None:
     check(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     check(config.train.batch_size > 0, "train.batch_size", "must be positive")
     check(config.train.max_epochs > 0, "train.max_epochs", "must be positive")
+    precisions = ("float32", "mixed_bfloat16", "mixed_float16")
+    check(config.train.precision in precisions, "train.precision", f"must be one of {', '.join(precisions)}")
+    check(config.train.jit_compile in (True, False, "auto"), "train.jit_compile", "must be true, false or 'auto'")
     check(ensemble.members >= 1, "ensemble.members", "must be at least 1")
     check(0 <= ensemble.strength_min <= ensemble.strength_max, "ensemble.strength_min", "must be in [0, strength_max]")
     check(

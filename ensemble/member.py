@@ -25,13 +25,10 @@ from ensemble.augment import augment_batch
 from ensemble.config import Config
 from ensemble.data import EnsembleData, member_split
 from ensemble.model import build_model, compile_model
+from ensemble.outputs import BEST_WEIGHTS_FILE, LOGITS_FILE, MODEL_FILE, STATE_FILE
 from ensemble.plan import MemberSpec
 
 EVAL_BATCH_SIZE = 512
-MODEL_FILE = "model.keras"
-STATE_FILE = "state.json"
-BEST_WEIGHTS_FILE = "best_weights.npz"
-LOGITS_FILE = "logits.npz"
 
 
 def configure_tensorflow(cpus: float) -> None:
@@ -97,7 +94,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch: print a progress line, save the full training state, report it to Ray Train."""
+    """After each epoch: save the full training state, report it to Ray Train, print a progress line."""
 
     def __init__(self, spec: MemberSpec, early_stopping: ResumableEarlyStopping, history: list[dict[str, float]]):
         super().__init__()
@@ -113,11 +110,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
         seconds = time.perf_counter() - self.epoch_started
         metrics = {key: float(value) for key, value in (logs or {}).items()} | {"epoch": epoch + 1, "seconds": seconds}
         self.history.append(metrics)
-        print(
-            f"{self.spec.name} epoch {epoch + 1}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-            f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} ({seconds:.1f}s)",
-            flush=True,
-        )
         state = {
             "done": False,
             "epochs": epoch + 1,
@@ -133,6 +125,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
             ray.train.report(
                 {"member": self.spec.index, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(directory)
             )
+        # Printed once the checkpoint is stored: a crash after this line loses nothing of this epoch.
+        print(
+            f"{self.spec.name} epoch {epoch + 1}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+            f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} ({seconds:.1f}s)",
+            flush=True,
+        )
 
 
 def _load_training_state(directory: Path) -> tuple[keras.Model, list[np.ndarray]]:
@@ -147,6 +145,8 @@ def train_member(loop_config: dict[str, Any]) -> None:
     config: Config = loop_config["config"]
     spec: MemberSpec = loop_config["member"]
     configure_tensorflow(loop_config["cpus"])
+    # Before any model is built or loaded: layers take their compute dtype from the global policy.
+    keras.mixed_precision.set_global_policy(config.train.precision)
     data: EnsembleData = ray.get(loop_config["data_ref"])
 
     checkpoint = ray.train.get_checkpoint()

@@ -45,4 +45,5 @@ def compile_model(model: keras.Model, config: TrainConfig) -> None:
         optimizer=keras.optimizers.Adam(schedule),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        jit_compile=config.jit_compile,
     )

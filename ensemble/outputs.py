@@ -19,6 +19,12 @@ import pyarrow.fs
 
 from ensemble.config import ConfigError
 
+# A run's files, relative to its output location.
+CONFIG_FILE, SUBMISSION_FILE, REPORT_FILE = "config.json", "submission.csv", "report.json"
+MEMBERS_DIR = "members"  # one Ray Train run per member: members/<member>/checkpoint_*/
+# Inside each member checkpoint.
+MODEL_FILE, STATE_FILE, BEST_WEIGHTS_FILE, LOGITS_FILE = "model.keras", "state.json", "best_weights.npz", "logits.npz"
+
 
 class Storage:
     def __init__(self, location: str):

@@ -26,10 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
 from ensemble.data import DataError, EnsembleData, prepare
-from ensemble.outputs import Storage, submission_csv, summary_table
+from ensemble.outputs import (
+    CONFIG_FILE,
+    LOGITS_FILE,
+    MEMBERS_DIR,
+    REPORT_FILE,
+    STATE_FILE,
+    SUBMISSION_FILE,
+    Storage,
+    submission_csv,
+    summary_table,
+)
 from ensemble.plan import MemberSpec, plan_members
 from ensemble.vote import accuracy, soft_vote
 
@@ -40,8 +54,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 TRIAL_MEMORY_BYTES = 512 * 1024**2
-CONFIG_FILE, SUBMISSION_FILE, REPORT_FILE = "config.json", "submission.csv", "report.json"
-MEMBERS_DIR = "members"
 REPORTED_PACKAGES = ("tensorflow", "keras", "ray", "numpy", "pandas", "pyarrow", "scikit-learn")
 
 
@@ -110,9 +122,6 @@ def check_storage_is_shared(storage: Storage) -> None:
     path they would land on that node's own disk and be lost to the run. A marker file written
     here must be visible from every alive node (a shared filesystem), or the run stops.
     """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     if not storage.is_local or len(nodes) < 2:
         return
@@ -145,8 +154,7 @@ def run_member(
     trial_config: dict[str, Any], config: Config, storage: Storage, data_ref: tuple, resources: dict[str, float]
 ) -> dict:
     """Ray Tune trial: fit one member as a Ray Train run and return its final checkpoint's path in the run."""
-    import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.tensorflow import TensorflowTrainer  # imports TensorFlow: only in the trial process
 
     from ensemble.member import train_member
 
@@ -176,9 +184,6 @@ def train_members(
     config: Config, storage: Storage, plan: list[MemberSpec], data: EnsembleData
 ) -> tuple[list[dict], list[dict]]:
     """Run every member through Ray; returns (finished members with their logits, failed members)."""
-    import ray
-    from ray import tune
-
     cluster = ray.cluster_resources()
     resources = member_resources(config.resources, cluster)
     # The data goes into the object store once; members read it from there. The reference is wrapped
@@ -207,10 +212,6 @@ def train_members(
 
 def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> dict[str, Any]:
     """A finished member's report entry and logits, read from its final checkpoint."""
-    import ray.train
-
-    from ensemble.member import LOGITS_FILE, STATE_FILE
-
     with ray.train.Checkpoint(storage.path(checkpoint), storage.filesystem).as_directory() as directory:
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         with np.load(Path(directory) / LOGITS_FILE) as logits:
@@ -261,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(config, plan, data)
         return 0
 
-    import ray
-
+    # Under `ray job submit --working-dir`, this driver runs inside Ray's copy of the working dir, which
+    # Ray deletes once no worker uses it, while the driver may still be running (Tune then fails in
+    # os.getcwd()). Everything needed from it (config, data, this package's modules) is loaded by now.
+    os.chdir(Path.home())
     data_seconds = time.time() - started
     # Inside `ray job submit` or with RAY_ADDRESS set this joins that cluster; otherwise it starts a local one.
     ray.init(logging_level="warning", log_to_driver=True)

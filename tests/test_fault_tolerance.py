@@ -33,8 +33,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     assert run.finish() == 0, run.output[-3000:]
 
     resumed_after = int(resumed[1])
-    assert resumed_after >= 2  # not started over: at most the epoch in flight is lost
-    print(f"worker killed during epoch 4; resumed after epoch {resumed_after} in {resumed_at - killed_at:.1f}s")
+    # Not started over: the progress line follows the epoch's checkpoint, so at most epoch 3 (whose
+    # registration with Ray Train's controller may still have been in flight) is trained again.
+    assert resumed_after >= 2
+    seconds = resumed_at - killed_at
+    print(f"worker killed after epoch 3's checkpoint; resumed after epoch {resumed_after} in {seconds:.1f}s")
     report = json.loads((output / "report.json").read_text())
     assert [member["name"] for member in report["members"]] == ["member-00", "member-01"]
     assert report["members"][0]["epochs"] == 5 and report["failed_members"] == []
