@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+VOTE_METHODS = ("logits", "probabilities", "majority", "weighted")
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message is one line."""
@@ -77,6 +79,8 @@ class EnsembleConfig:
     strength_min: float = 0.5  # augmentation strengths are spread evenly over [min, max]
     strength_max: float = 1.5
     min_members: int | None = None  # vote with fewer members than planned if at least this many finish
+    vote: str = "logits"  # "logits", "probabilities", "majority" or "weighted" (see ensemble/vote.py)
+    tta: int = 1  # test-time augmentation: views per image (1 = off, up to 9 one-pixel shifts)
 
 
 @dataclass
@@ -206,6 +210,13 @@ def _validate(config: Config) -> None:
         "ensemble.min_members",
         "must be null or between 1 and ensemble.members",
     )
+    check(ensemble.vote in VOTE_METHODS, "ensemble.vote", f"must be one of {', '.join(VOTE_METHODS)}")
+    check(
+        ensemble.vote != "weighted" or data.holdout_fraction > 0,
+        "ensemble.vote",
+        "'weighted' fits its weights on the holdout: data.holdout_fraction must be > 0",
+    )
+    check(1 <= ensemble.tta <= 9, "ensemble.tta", "must be between 1 (off) and 9")
     check(resources.cpus_per_member > 0, "resources.cpus_per_member", "must be positive")
     gpus = resources.gpus_per_member
     check(

@@ -21,12 +21,13 @@ import ray
 import ray.train
 import tensorflow as tf
 
-from ensemble.augment import augment_batch
+from ensemble.augment import augment_batch, transform_images
 from ensemble.config import Config
 from ensemble.data import EnsembleData, member_split
 from ensemble.model import build_model, compile_model
 from ensemble.outputs import BEST_WEIGHTS_FILE, LOGITS_FILE, MODEL_FILE, STATE_FILE
 from ensemble.plan import MemberSpec
+from ensemble.vote import accuracy
 
 EVAL_BATCH_SIZE = 512
 
@@ -67,10 +68,23 @@ def evaluation_dataset(images: np.ndarray, labels: np.ndarray | None = None) -> 
     return dataset.batch(EVAL_BATCH_SIZE).map(lambda *item: (tf.cast(item[0], tf.float32), *item[1:])).prefetch(2)
 
 
-def predict_logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
+# Test-time augmentation views: the image itself, then one-pixel shifts (x, y), in this order.
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def predict_logits(model: keras.Model, images: np.ndarray, views: int = 1) -> np.ndarray:
+    """float32 logits; with views > 1, the mean over that many shifted copies of each image."""
     if len(images) == 0:
         return np.zeros((0, model.output_shape[-1]), np.float32)
-    return model.predict(evaluation_dataset(images), verbose=0).astype(np.float32)
+    total = 0.0
+    for dx, dy in TTA_SHIFTS[:views]:
+        matrix = tf.constant([[1, 0, dx, 0, 1, dy, 0, 0]], tf.float32)
+
+        def shifted(batch: tf.Tensor, matrix: tf.Tensor = matrix) -> tf.Tensor:
+            return transform_images(batch, tf.tile(matrix, [tf.shape(batch)[0], 1]))
+
+        total += model.predict(evaluation_dataset(images).map(shifted), verbose=0).astype(np.float32)
+    return total / views
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -191,11 +205,11 @@ def train_member(loop_config: dict[str, Any]) -> None:
     )
     # The model now holds its best epoch's weights (restored by early stopping).
     best_epoch = early_stopping.best_epoch + 1
-    holdout_logits = predict_logits(model, data.holdout_images)
-    test_logits = predict_logits(model, data.test_images)
-    holdout_accuracy = (
-        float(np.mean(holdout_logits.argmax(axis=1) == data.holdout_labels)) if len(data.holdout_labels) else None
-    )
+    logits = {"holdout": predict_logits(model, data.holdout_images), "test": predict_logits(model, data.test_images)}
+    if config.ensemble.tta > 1:
+        logits["holdout_tta"] = predict_logits(model, data.holdout_images, config.ensemble.tta)
+        logits["test_tta"] = predict_logits(model, data.test_images, config.ensemble.tta)
+    holdout_accuracy = accuracy(logits["holdout"].argmax(axis=1), data.holdout_labels)
     final = {
         "member": spec.index,
         "done": True,
@@ -208,6 +222,6 @@ def train_member(loop_config: dict[str, Any]) -> None:
     }
     with tempfile.TemporaryDirectory() as directory:
         model.save(Path(directory) / MODEL_FILE)
-        np.savez(Path(directory) / LOGITS_FILE, holdout=holdout_logits, test=test_logits)
+        np.savez(Path(directory) / LOGITS_FILE, **logits)
         (Path(directory) / STATE_FILE).write_text(json.dumps(final | {"history": history}))
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(directory))

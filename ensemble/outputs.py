@@ -21,6 +21,8 @@ from ensemble.config import ConfigError
 
 # A run's files, relative to its output location.
 CONFIG_FILE, SUBMISSION_FILE, REPORT_FILE = "config.json", "submission.csv", "report.json"
+HOLDOUT_FILE = "holdout.npz"  # the common holdout's images and labels: re-votes and the report score on it
+HTML_REPORT_FILE = "report.html"
 MEMBERS_DIR = "members"  # one Ray Train run per member: members/<member>/checkpoint_*/
 # Inside each member checkpoint.
 MODEL_FILE, STATE_FILE, BEST_WEIGHTS_FILE, LOGITS_FILE = "model.keras", "state.json", "best_weights.npz", "logits.npz"
@@ -46,21 +48,28 @@ class Storage:
         """The part of a filesystem path below the run's root (how the report names files)."""
         return path[len(self.root) :].lstrip("/")
 
-    def read_text(self, *parts: str) -> str | None:
-        """A file's text, or None when it does not exist."""
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """A file's contents, or None when it does not exist."""
         if self.filesystem.get_file_info(self.path(*parts)).type == pyarrow.fs.FileType.NotFound:
             return None
         with self.filesystem.open_input_stream(self.path(*parts)) as stream:
-            return stream.read().decode()
+            return stream.read()
+
+    def read_text(self, *parts: str) -> str | None:
+        contents = self.read_bytes(*parts)
+        return None if contents is None else contents.decode()
 
     def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
+
+    def write_bytes(self, contents: bytes, *parts: str) -> None:
         final = self.path(*parts)
         directory, name = final.rsplit("/", 1)
         temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
         self.filesystem.create_dir(directory, recursive=True)
         try:
             with self.filesystem.open_output_stream(temporary) as stream:
-                stream.write(text.encode())
+                stream.write(contents)
             self.filesystem.move(temporary, final)
         except BaseException:
             if self.filesystem.get_file_info(temporary).type != pyarrow.fs.FileType.NotFound:

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 from ray import tune
@@ -35,17 +32,15 @@ from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
 from ensemble.data import DataError, EnsembleData, prepare
 from ensemble.outputs import (
     CONFIG_FILE,
-    LOGITS_FILE,
+    HTML_REPORT_FILE,
     MEMBERS_DIR,
     REPORT_FILE,
-    STATE_FILE,
     SUBMISSION_FILE,
     Storage,
-    submission_csv,
     summary_table,
 )
 from ensemble.plan import MemberSpec, plan_members
-from ensemble.vote import accuracy, soft_vote
+from ensemble.results import RunResults, load_member, save_holdout, write_results
 
 # Set before TensorFlow is first imported (lazily, after the inputs are checked) and inherited by the
 # local cluster's processes: fewer TensorFlow C++ info lines, and no second copy of every print from
@@ -210,37 +205,6 @@ def train_members(
     return sorted(finished, key=lambda member: member["index"]), failed
 
 
-def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> dict[str, Any]:
-    """A finished member's report entry and logits, read from its final checkpoint."""
-    with ray.train.Checkpoint(storage.path(checkpoint), storage.filesystem).as_directory() as directory:
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
-        with np.load(Path(directory) / LOGITS_FILE) as logits:
-            holdout_logits, test_logits = logits["holdout"], logits["test"]
-    return {
-        "name": spec.name,
-        **dataclasses.asdict(spec),
-        "epochs": state["epochs"],
-        "best_epoch": state["best_epoch"],
-        "val_accuracy": state["val_accuracy"],
-        "holdout_accuracy": state["holdout_accuracy"],
-        "train_seconds": round(sum(epoch["seconds"] for epoch in state["history"]), 2),
-        "node_id": state["node_id"],
-        "checkpoint": checkpoint,
-        "holdout_logits": holdout_logits,
-        "test_logits": test_logits,
-    }
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in REPORTED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
@@ -275,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     storage.write_text(json.dumps(config.to_dict(), indent=2), CONFIG_FILE)
+    save_holdout(storage, data.holdout_images, data.holdout_labels)
     finished, failed = train_members(config, storage, plan, data)
     required = config.ensemble.min_members or config.ensemble.members
     for member in failed:
@@ -287,31 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
-    _, holdout_predictions = soft_vote(np.stack([member["holdout_logits"] for member in finished]))
-    _, test_predictions = soft_vote(np.stack([member["test_logits"] for member in finished]))
-    ensemble_holdout = accuracy(holdout_predictions, data.holdout_labels)
-    members = [{k: v for k, v in member.items() if not k.endswith("_logits")} for member in finished]
-    report = {
-        "members": members,
-        "failed_members": failed,
-        "ensemble": {
-            "vote": "mean of logits",
-            "members": [member["name"] for member in members],
-            "holdout_size": len(data.holdout_labels),
-            "holdout_accuracy": ensemble_holdout,
-            **({} if ensemble_holdout is not None else {"note": "no holdout: data.holdout_fraction is 0"}),
-        },
-        "timings": {
-            "data_seconds": round(data_seconds, 2),
-            "total_seconds": round(time.time() - started, 2),
-        },
-        "config": config.to_dict(),
-        "versions": package_versions(),
-    }
-    storage.write_text(submission_csv(test_predictions), SUBMISSION_FILE)
-    storage.write_text(json.dumps(report, indent=2) + "\n", REPORT_FILE)
-    print(summary_table(members, ensemble_holdout))
-    print(f"wrote {SUBMISSION_FILE} and {REPORT_FILE} to {storage.location} in {time.time() - started:.0f}s")
+    timings = {"data_seconds": round(data_seconds, 2), "total_seconds": round(time.time() - started, 2)}
+    run = RunResults(storage, config.to_dict(), finished, failed, data.holdout_images, data.holdout_labels, timings)
+    report = write_results(run, config.ensemble.vote)
+    print(summary_table(report["members"], report["ensemble"]["holdout_accuracy"]))
+    print(
+        f"wrote {SUBMISSION_FILE}, {REPORT_FILE} and {HTML_REPORT_FILE} to {storage.location} "
+        f"in {time.time() - started:.0f}s"
+    )
     return 0
 
 

@@ -1,0 +1,207 @@
+"""The run's pictures: PNG plots and one self-contained report.html (images embedded) beside them.
+
+- curves.png: each member's training and validation accuracy and loss by epoch;
+- ensemble_size.png: ensemble holdout accuracy by number of members (in member order, and the mean
+  over random orders), to see when more members stop helping;
+- confusion.png: the ensemble's confusion matrix on the holdout;
+- errors.png: the holdout digits the ensemble gets wrong, with true and predicted label and confidence;
+- disagreement.png: how often each pair of members disagrees on the holdout (diversity).
+The holdout plots are left out, with a note, when the run has no holdout.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.special import softmax
+from sklearn.metrics import confusion_matrix
+
+from ensemble.outputs import HTML_REPORT_FILE
+from ensemble.vote import vote
+
+if TYPE_CHECKING:
+    from ensemble.results import RunResults
+
+RANDOM_ORDERS = 50
+MAX_ERRORS_SHOWN = 48
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def plot_curves(members: list[dict[str, Any]]) -> bytes:
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for index, member in enumerate(members):
+        color = f"C{index % 10}"
+        epochs = [epoch["epoch"] for epoch in member["history"]]
+        for axis, metric in zip(axes, ("accuracy", "loss"), strict=True):
+            axis.plot(epochs, [e[metric] for e in member["history"]], "--", color=color, alpha=0.6)
+            axis.plot(epochs, [e[f"val_{metric}"] for e in member["history"]], color=color, label=member["name"])
+    for axis, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        axis.set(xlabel="epoch", ylabel=metric, title=f"{metric}: validation (solid), training (dashed)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return _png(figure)
+
+
+def ensemble_size_curve(holdout_logits: np.ndarray, labels: np.ndarray, method: str, seed: int = 0) -> dict:
+    """Holdout accuracy of the first k members, k = 1..M: in member order, and over random orders."""
+    members = len(holdout_logits)
+
+    def accuracy_of(order: np.ndarray) -> list[float]:
+        # The weighted vote refits per subset elsewhere; here every subset gets the plain mean of logits.
+        subset_method = "logits" if method == "weighted" else method
+        return [
+            float(np.mean(vote(holdout_logits[order[:k]], subset_method).argmax(1) == labels))
+            for k in range(1, members + 1)
+        ]
+
+    rng = np.random.default_rng(seed)
+    random = np.array([accuracy_of(rng.permutation(members)) for _ in range(RANDOM_ORDERS)])
+    return {"in_order": accuracy_of(np.arange(members)), "random_mean": random.mean(0), "random_std": random.std(0)}
+
+
+def plot_ensemble_size(curve: dict) -> bytes:
+    sizes = np.arange(1, len(curve["in_order"]) + 1)
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    axis.plot(sizes, curve["in_order"], "o-", label="members in order")
+    axis.plot(sizes, curve["random_mean"], "s-", label=f"mean over {RANDOM_ORDERS} random orders")
+    low, high = curve["random_mean"] - curve["random_std"], curve["random_mean"] + curve["random_std"]
+    axis.fill_between(sizes, low, high, alpha=0.2, label="± 1 std")
+    axis.set(xlabel="members in the vote", ylabel="holdout accuracy", title="Does another member help?")
+    axis.set_xticks(sizes)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _png(figure)
+
+
+def plot_confusion(labels: np.ndarray, predicted: np.ndarray) -> bytes:
+    matrix = confusion_matrix(labels, predicted, labels=range(10))
+    figure, axis = plt.subplots(figsize=(6, 5.5))
+    axis.imshow(np.log1p(matrix), cmap="Blues")
+    for (row, column), count in np.ndenumerate(matrix):
+        if count:
+            color = "white" if row == column else "black"
+            axis.text(column, row, count, ha="center", va="center", fontsize=8, color=color)
+    axis.set(xlabel="predicted", ylabel="true", title="Ensemble on the holdout", xticks=range(10), yticks=range(10))
+    return _png(figure)
+
+
+def plot_errors(images: np.ndarray, labels: np.ndarray, scores: np.ndarray, method: str) -> bytes:
+    predicted = scores.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    # Probabilities for the caption: softmax of the vote's logits, or the vote's own shares otherwise.
+    probabilities = (
+        softmax(scores, axis=1) if method in ("logits", "weighted") else scores / scores.sum(1, keepdims=True)
+    )
+    shown = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:MAX_ERRORS_SHOWN]  # most confident first
+    columns = 8
+    rows = max(1, -(-len(shown) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, shown, strict=False):
+        axis.imshow(images[index, :, :, 0], cmap="gray_r")
+        confidence = probabilities[index, predicted[index]]
+        axis.set_title(f"{labels[index]}→{predicted[index]} ({confidence:.0%})", fontsize=8, color="firebrick")
+    figure.suptitle(f"{len(wrong)} holdout digits misclassified (true→predicted, confidence); most confident first")
+    return _png(figure)
+
+
+def disagreement(holdout_logits: np.ndarray) -> np.ndarray:
+    """Fraction of holdout images on which each pair of members predicts different digits."""
+    predictions = holdout_logits.argmax(axis=2)
+    return (predictions[:, None, :] != predictions[None, :, :]).mean(axis=2)
+
+
+def plot_disagreement(matrix: np.ndarray, names: list[str]) -> bytes:
+    figure, axis = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
+    axis.imshow(matrix, cmap="Oranges")
+    for (row, column), value in np.ndenumerate(matrix):
+        axis.text(column, row, f"{value:.1%}", ha="center", va="center", fontsize=7)
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(len(names)), names, fontsize=8)
+    axis.set_title("Pairwise disagreement on the holdout")
+    return _png(figure)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _html(report: dict[str, Any], images: dict[str, bytes], notes: list[str]) -> str:
+    ensemble = report["ensemble"]
+    rows = "".join(
+        f"<tr><td>{html.escape(m['name'])}</td><td>{m['seed']}</td><td>{m['split_seed']}</td>"
+        f"<td>{m['strength']:.2f}</td><td>{m['epochs']}</td><td>{m['best_epoch']}</td>"
+        f"<td>{_percent(m['val_accuracy'])}</td><td>{_percent(m['holdout_accuracy'])}</td></tr>"
+        for m in report["members"]
+    )
+    figures = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{name}</figcaption></figure>"
+        for name, png in images.items()
+    )
+    extra = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    tta = (
+        f" ({_percent(ensemble['holdout_accuracy_without_tta'])} without test-time augmentation)"
+        if "holdout_accuracy_without_tta" in ensemble
+        else ""
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>digit-ensemble report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} figure{{display:inline-block;margin:1em}}
+img{{max-width:100%}}</style></head><body>
+<h1>digit-ensemble report</h1>
+<p>Ensemble of {len(report["members"])} members, vote <b>{html.escape(ensemble["vote"])}</b>:
+holdout accuracy <b>{_percent(ensemble["holdout_accuracy"])}</b>{tta} on {ensemble["holdout_size"]} images.</p>
+<ul>{extra}</ul>
+<table><tr><th>member</th><th>seed</th><th>split seed</th><th>aug. strength</th><th>epochs</th>
+<th>best epoch</th><th>val accuracy</th><th>holdout accuracy</th></tr>{rows}</table>
+{figures}
+</body></html>
+"""
+
+
+def render_report(run: RunResults, report: dict[str, Any], holdout_scores: np.ndarray) -> dict[str, bytes]:
+    """Write the PNGs and report.html into the run's storage; returns the PNGs by file name."""
+    method = report["ensemble"]["vote"]
+    images = {"curves.png": plot_curves(run.members)}
+    notes = []
+    if len(run.holdout_labels):
+        holdout_logits = np.stack([member["holdout_logits"] for member in run.members])
+        curve = ensemble_size_curve(holdout_logits, run.holdout_labels, method)
+        images["ensemble_size.png"] = plot_ensemble_size(curve)
+        images["confusion.png"] = plot_confusion(run.holdout_labels, holdout_scores.argmax(1))
+        images["errors.png"] = plot_errors(run.holdout_images, run.holdout_labels, holdout_scores, method)
+        pairs = disagreement(holdout_logits)
+        images["disagreement.png"] = plot_disagreement(pairs, [member["name"] for member in run.members])
+        if len(run.members) > 1:
+            mean_pair = pairs[np.triu_indices(len(pairs), k=1)].mean()
+            notes.append(f"Members disagree on {mean_pair:.2%} of holdout images on average.")
+    else:
+        notes.append("No holdout (data.holdout_fraction is 0): holdout plots are left out.")
+    if "cv_accuracy_weighted" in report["ensemble"]:
+        ensemble = report["ensemble"]
+        notes.append(
+            f"Weighted vote, cross-validated on the holdout ({ensemble['cross_validation_folds']} folds): "
+            f"{_percent(ensemble['cv_accuracy_weighted'])} vs {_percent(ensemble['cv_accuracy_equal_weights'])} "
+            "with equal weights."
+        )
+    for name, png in images.items():
+        run.storage.write_bytes(png, name)
+    run.storage.write_text(_html(report, images, notes), HTML_REPORT_FILE)
+    return images
