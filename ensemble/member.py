@@ -25,7 +25,7 @@ from ensemble.augment import augment_batch, transform_images
 from ensemble.config import Config
 from ensemble.data import EnsembleData, member_split
 from ensemble.model import build_model, compile_model
-from ensemble.outputs import BEST_WEIGHTS_FILE, LOGITS_FILE, MODEL_FILE, STATE_FILE
+from ensemble.outputs import BEST_WEIGHTS_FILE, LOGITS_FILE, MODEL_FILE, STATE_FILE, TENSORBOARD_DIR, Storage
 from ensemble.plan import MemberSpec
 from ensemble.vote import accuracy
 
@@ -193,13 +193,17 @@ def train_member(loop_config: dict[str, Any]) -> None:
         restore_best_weights=True,
     )
     history = state["history"]
+    callbacks = [early_stopping, EpochCheckpoint(spec, early_stopping, history)]
+    storage: Storage = loop_config["storage"]
+    if storage.is_local:  # TensorFlow's summary writer has no pyarrow filesystem: local (or shared) disks only
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=storage.path(TENSORBOARD_DIR, spec.name)))
     model.fit(
         train_data,
         validation_data=val_data,
         initial_epoch=state["epochs"],
         # An early stop recorded before a restart must not train further.
         epochs=state["epochs"] if state["stopped"] else config.train.max_epochs,
-        callbacks=[early_stopping, EpochCheckpoint(spec, early_stopping, history)],
+        callbacks=callbacks,
         shuffle=False,  # the dataset reshuffles itself every epoch
         verbose=0,
     )

@@ -23,6 +23,7 @@ from ensemble.config import ConfigError
 CONFIG_FILE, SUBMISSION_FILE, REPORT_FILE = "config.json", "submission.csv", "report.json"
 HOLDOUT_FILE = "holdout.npz"  # the common holdout's images and labels: re-votes and the report score on it
 HTML_REPORT_FILE = "report.html"
+TENSORBOARD_DIR = "tensorboard"  # one log directory per member: tensorboard --logdir <output_dir>/tensorboard
 MEMBERS_DIR = "members"  # one Ray Train run per member: members/<member>/checkpoint_*/
 # Inside each member checkpoint.
 MODEL_FILE, STATE_FILE, BEST_WEIGHTS_FILE, LOGITS_FILE = "model.keras", "state.json", "best_weights.npz", "logits.npz"

@@ -21,11 +21,11 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
-from scipy.special import softmax
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
 from ensemble.outputs import HTML_REPORT_FILE
-from ensemble.vote import vote
+from ensemble.vote import vote, vote_probabilities
 
 if TYPE_CHECKING:
     from ensemble.results import RunResults
@@ -51,6 +51,7 @@ def plot_curves(members: list[dict[str, Any]]) -> bytes:
             axis.plot(epochs, [e[f"val_{metric}"] for e in member["history"]], color=color, label=member["name"])
     for axis, metric in zip(axes, ("accuracy", "loss"), strict=True):
         axis.set(xlabel="epoch", ylabel=metric, title=f"{metric}: validation (solid), training (dashed)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     return _png(figure)
@@ -102,10 +103,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray) -> bytes:
 def plot_errors(images: np.ndarray, labels: np.ndarray, scores: np.ndarray, method: str) -> bytes:
     predicted = scores.argmax(1)
     wrong = np.flatnonzero(predicted != labels)
-    # Probabilities for the caption: softmax of the vote's logits, or the vote's own shares otherwise.
-    probabilities = (
-        softmax(scores, axis=1) if method in ("logits", "weighted") else scores / scores.sum(1, keepdims=True)
-    )
+    probabilities = vote_probabilities(scores, method)
     shown = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:MAX_ERRORS_SHOWN]  # most confident first
     columns = 8
     rows = max(1, -(-len(shown) // columns))

@@ -27,6 +27,7 @@ from ensemble.outputs import (
     submission_csv,
 )
 from ensemble.plan import MemberSpec
+from ensemble.report import render_report
 from ensemble.vote import accuracy, fit_weights, vote
 
 # Per-member data kept in memory for the vote and the plots, but not written to report.json.
@@ -90,8 +91,6 @@ def load_run(location: str) -> RunResults:
 
 def write_results(run: RunResults, method: str) -> dict[str, Any]:
     """Vote with `method`, then write submission.csv, report.json and report.html; returns the report."""
-    from ensemble.report import render_report  # matplotlib: only needed here
-
     holdout_logits = np.stack([member["holdout_logits"] for member in run.members])
     test_logits = np.stack([member["test_logits"] for member in run.members])
     labels = run.holdout_labels

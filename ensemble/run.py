@@ -157,7 +157,13 @@ def run_member(
     use_gpu = resources["GPU"] > 0
     trainer = TensorflowTrainer(
         train_member,
-        train_loop_config={"config": config, "member": spec, "data_ref": data_ref[0], "cpus": resources["CPU"]},
+        train_loop_config={
+            "config": config,
+            "member": spec,
+            "data_ref": data_ref[0],
+            "cpus": resources["CPU"],
+            "storage": storage,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=1,
             use_gpu=use_gpu,

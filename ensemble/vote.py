@@ -47,6 +47,13 @@ def vote(member_logits: np.ndarray, method: str = "logits", weights: np.ndarray 
     raise ValueError(f"unknown vote method {method!r}; choose from {', '.join(VOTE_METHODS)}")
 
 
+def vote_probabilities(scores: np.ndarray, method: str) -> np.ndarray:
+    """The vote's scores as per-class probabilities: softmax of voted logits, else the scores' shares."""
+    if method in ("logits", "weighted"):
+        return softmax(scores, axis=1)
+    return scores / scores.sum(axis=1, keepdims=True)
+
+
 def soft_vote(member_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean logits, predicted labels): the default vote."""
     scores = vote(member_logits, "logits")

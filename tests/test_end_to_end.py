@@ -7,12 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
-from ensemble.vote import soft_vote
+from ensemble.vote import soft_vote, vote
 
 from .conftest import REPO, SHARED_DATA
+
+PLOTS = ("curves.png", "ensemble_size.png", "confusion.png", "errors.png", "disagreement.png")
 
 
 def run_ensemble(*args: str) -> subprocess.CompletedProcess:
@@ -33,7 +38,7 @@ def member_files(output: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in sorted((output / "members").rglob("*")) if path.is_file()}
 
 
-def test_quickstart_trains_votes_writes_and_resumes(tmp_path: Path) -> None:
+def test_quickstart_trains_votes_writes_and_resumes(tmp_path: Path, kaggle_dir: Path, sample) -> None:
     output = tmp_path / "quickstart"
     first = run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
 
@@ -67,11 +72,71 @@ def test_quickstart_trains_votes_writes_and_resumes(tmp_path: Path) -> None:
             test_logits.append(logits["test"])
     np.testing.assert_array_equal(soft_vote(np.stack(test_logits))[1], rows[:, 1])
 
+    # The report: each plot decodes as an image, and report.html embeds them all.
+    for name in PLOTS:
+        height, width, _ = matplotlib.image.imread(output / name).shape
+        assert height > 100 and width > 100
+    assert list((output / "tensorboard" / "member-00").rglob("events.out.tfevents.*"))
+    page = (output / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(PLOTS) and "member-02" in page
+
     # The same command again resumes the finished run: nothing is retrained or rewritten under members/.
     before = member_files(output)
     run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
     assert member_files(output) == before
     assert read_submission(output / "submission.csv")[1].tolist() == rows.tolist()
+
+    # A re-vote from the saved logits, without training, rewrites the submission and the report.
+    revote = subprocess.run(
+        [sys.executable, "-m", "ensemble.vote", "--run", str(output), "--method", "majority"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert revote.returncode == 0, revote.stderr[-3000:]
+    assert member_files(output) == before
+    report = json.loads((output / "report.json").read_text())
+    assert report["ensemble"]["vote"] == "majority"
+    majority = vote(np.stack(test_logits), "majority").argmax(1)
+    np.testing.assert_array_equal(read_submission(output / "submission.csv")[1][:, 1], majority)
+
+    # Predicting with the saved members: kaggle_dir's test.csv holds the quickstart's first 50 test images.
+    predicted = predict(output, kaggle_dir / "test.csv", tmp_path / "predicted.csv", "--probabilities")
+    assert predicted.columns.tolist() == ["ImageId", "Label", *[f"p{digit}" for digit in range(10)]]
+    assert (predicted["Label"].to_numpy() != majority[:50]).sum() <= 1  # batch size may move a near-tie
+    np.testing.assert_allclose(predicted.filter(like="p").sum(axis=1), 1.0, atol=1e-5)
+    # The same digits as PNGs the way people draw them, dark on light and larger, come back to MNIST's form.
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for index, image in enumerate(sample[2][:10]):
+        Image.fromarray(255 - image[:, :, 0]).resize((56, 56)).save(folder / f"digit-{index:02d}.png")
+    from_png = predict(output, folder, tmp_path / "from-png.csv")
+    assert from_png["File"].tolist() == [f"digit-{index:02d}.png" for index in range(10)]
+    assert (from_png["Label"].to_numpy() == majority[:10]).sum() >= 8
+
+
+def predict(run: Path, source: Path, target: Path, *options: str) -> pd.DataFrame:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ensemble.predict",
+            "--run",
+            str(run),
+            "--input",
+            str(source),
+            "--output",
+            str(target),
+            *options,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return pd.read_csv(target)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "train.csv").exists(), reason="Kaggle's data is not in ../shared")
@@ -101,3 +166,5 @@ def test_kaggle_slice_without_holdout(tmp_path: Path) -> None:
     assert report["ensemble"]["holdout_accuracy"] is None
     assert report["ensemble"]["note"] == "no holdout: data.holdout_fraction is 0"
     assert all(member["holdout_accuracy"] is None and member["val_accuracy"] > 0.8 for member in report["members"])
+    assert (output / "curves.png").exists() and not (output / "confusion.png").exists()
+    assert "No holdout" in (output / "report.html").read_text()

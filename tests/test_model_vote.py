@@ -6,7 +6,7 @@ import pytest
 from ensemble.config import ModelConfig
 from ensemble.model import build_model
 from ensemble.outputs import submission_csv
-from ensemble.vote import accuracy, soft_vote
+from ensemble.vote import accuracy, fit_weights, soft_vote, vote
 
 
 def test_reference_model_has_the_seed_parameter_count() -> None:
@@ -51,3 +51,36 @@ def test_accuracy_of_nothing_is_none() -> None:
 
 def test_submission_format() -> None:
     assert submission_csv(np.array([3, 0, 9])) == "ImageId,Label\n1,3\n2,0\n3,9\n"
+
+
+def test_vote_methods_can_disagree() -> None:
+    # Member 3 is very sure of class 2; members 1 and 2 mildly prefer class 0.
+    logits = np.array([[[2.0, 0.0, 1.8]], [[2.0, 0.0, 1.8]], [[0.0, 0.0, 9.0]]])
+    assert vote(logits, "logits").argmax(1).tolist() == [2]
+    assert vote(logits, "majority").argmax(1).tolist() == [0]
+    assert vote(logits, "probabilities").argmax(1).tolist() == [2]
+    np.testing.assert_allclose(vote(logits, "probabilities").sum(axis=1), [1.0])
+
+
+def test_majority_ties_go_to_the_more_probable_class() -> None:
+    logits = np.array([[[3.0, 0.0, 0.0]], [[0.0, 0.5, 0.0]]])  # one vote each for 0 and 1
+    assert vote(logits, "majority").argmax(1).tolist() == [0]
+
+
+def test_weighted_vote_learns_to_trust_the_good_member_and_reports_cross_validation() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 400)
+    good = np.eye(10)[labels] * 4 + rng.normal(0, 1, (400, 10))
+    noise = rng.normal(0, 3, (2, 400, 10))
+    logits = np.stack([good, *noise])
+    weights, details = fit_weights(logits, labels)
+    assert weights.argmax() == 0 and weights.sum() == pytest.approx(1.0) and np.all(weights >= 0)
+    assert details["cross_validation_folds"] == 5
+    assert details["cv_accuracy_weighted"] > details["cv_accuracy_equal_weights"]
+    weighted = vote(logits, "weighted", weights).argmax(1)
+    assert np.mean(weighted == labels) > np.mean(vote(logits, "logits").argmax(1) == labels)
+
+
+def test_unknown_vote_method() -> None:
+    with pytest.raises(ValueError, match="unknown vote method"):
+        vote(np.zeros((1, 2, 10)), "median")

@@ -1,0 +1,118 @@
+"""Predict digits with a finished run's members: `python -m ensemble.predict --run DIR --input X --output Y`.
+
+The input is a Kaggle-format CSV (pixel0..pixel783, like test.csv) or a folder of PNG digits. PNGs
+are brought to MNIST's conventions: grayscale, resized to 28x28, and inverted when the background is
+light (MNIST digits are light on black). Each member predicts with the run's test-time augmentation,
+and the members' logits are combined with the run's vote. The output is `ImageId,Label` (ImageId from
+1, in input order: CSV rows, or PNG files sorted by name, whose names are added as `File`), plus
+one probability column per digit with `--probabilities`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.config import ConfigError
+from ensemble.data import IMAGE_SIDE, DataError, read_kaggle_csv
+from ensemble.outputs import MODEL_FILE, Storage
+from ensemble.vote import vote, vote_probabilities
+
+
+def read_png_folder(folder: Path) -> tuple[np.ndarray, list[str]]:
+    """(uint8 images (N, 28, 28, 1), file names) from every *.png in `folder`, sorted by name."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = sorted(folder.glob("*.png"))
+    if not paths:
+        raise DataError(f"{folder}: no .png files")
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("L").resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.LANCZOS))
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{path}: not a readable PNG ({error})") from None
+        images.append(255 - pixels if pixels.mean() > 127 else pixels)
+    return np.stack(images)[..., None].astype(np.uint8), [path.name for path in paths]
+
+
+def read_input(path: Path) -> tuple[np.ndarray, list[str] | None]:
+    if path.is_dir():
+        return read_png_folder(path)
+    images, _ = read_kaggle_csv(path, has_labels=False)
+    return images, None
+
+
+def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndarray:
+    """(members, images, classes): every member's logits, with the run's test-time augmentation."""
+    import keras
+    import ray.train
+
+    from ensemble.member import predict_logits
+
+    views = report["config"]["ensemble"]["tta"]
+    logits = []
+    for member in report["members"]:
+        checkpoint = ray.train.Checkpoint(storage.path(member["checkpoint"]), storage.filesystem)
+        with checkpoint.as_directory() as directory:
+            model = keras.models.load_model(Path(directory) / MODEL_FILE)
+        logits.append(predict_logits(model, images, views))
+    return np.stack(logits)
+
+
+def predictions_csv(scores: np.ndarray, method: str, files: list[str] | None, probabilities: bool) -> str:
+    labels = scores.argmax(axis=1)
+    header = [
+        "ImageId",
+        "Label",
+        *(["File"] if files else []),
+        *([f"p{d}" for d in range(10)] if probabilities else []),
+    ]
+    shares = vote_probabilities(scores, method)
+    lines = [",".join(header)]
+    for index, label in enumerate(labels):
+        row = [str(index + 1), str(label), *([files[index]] if files else [])]
+        row += [f"{p:.6f}" for p in shares[index]] if probabilities else []
+        lines.append(",".join(row))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from ensemble.outputs import REPORT_FILE
+
+    parser = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a finished run's output directory (or URI)")
+    parser.add_argument("--input", required=True, type=Path, help="Kaggle-format CSV, or a folder of PNG digits")
+    parser.add_argument("--output", required=True, type=Path, help="CSV to write")
+    parser.add_argument("--probabilities", action="store_true", help="add one probability column per digit")
+    args = parser.parse_args(argv)
+    try:
+        storage = Storage(args.run)
+        report_text = storage.read_text(REPORT_FILE)
+        if report_text is None:
+            raise ConfigError(f"{args.run}: no {REPORT_FILE}; is it a finished run's output dir?")
+        report = json.loads(report_text)
+        images, files = read_input(args.input)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ensemble = report["ensemble"]
+    weights = np.array(ensemble["weights"]) if ensemble["vote"] == "weighted" else None
+    scores = vote(member_logits(storage, report, images), ensemble["vote"], weights)
+    text = predictions_csv(scores, ensemble["vote"], files, args.probabilities)
+    Storage(str(args.output.resolve().parent)).write_text(text, args.output.name)
+    print(
+        f"wrote {len(images)} predictions ({ensemble['vote']} vote of {len(report['members'])} members) "
+        f"to {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

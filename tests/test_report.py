@@ -1,0 +1,105 @@
+"""report.html and its plots, rendered from real digits, checked as a browser shows them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from ensemble.config import Config
+from ensemble.outputs import Storage
+from ensemble.report import ensemble_size_curve, render_report
+from ensemble.results import RunResults
+from ensemble.vote import vote
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def fake_run(tmp_path: Path, sample, holdout: int = 300) -> tuple[RunResults, dict]:
+    """Three members' logits on real holdout digits: right most of the time, each wrong in its own way."""
+    images, labels = sample[0][:holdout], sample[1][:holdout]
+    rng = np.random.default_rng(0)
+    members = []
+    for index in range(3):
+        logits = np.eye(10)[labels] * 3 + rng.normal(0, 1.2, (holdout, 10))
+        history = [
+            {
+                "epoch": e,
+                "accuracy": 0.8 + 0.03 * e,
+                "val_accuracy": 0.78 + 0.03 * e,
+                "loss": 1 / e,
+                "val_loss": 1.1 / e,
+            }
+            for e in range(1, 6)
+        ]
+        members.append({
+            "name": f"member-{index:02d}", "index": index, "seed": index, "split_seed": 10 + index,
+            "strength": 0.5 + 0.5 * index, "epochs": 5, "best_epoch": 5, "val_accuracy": 0.93,
+            "holdout_accuracy": float(np.mean(logits.argmax(1) == labels)), "history": history,
+            "holdout_logits": logits, "holdout_logits_plain": logits, "test_logits": logits[:10],
+        })  # fmt: skip
+    config = Config()
+    run = RunResults(Storage(str(tmp_path)), config.to_dict(), members, [], images, labels, {})
+    scores = vote(np.stack([m["holdout_logits"] for m in members]))
+    ensemble_accuracy = float(np.mean(scores.argmax(1) == labels))
+    report = {
+        "members": members,
+        "ensemble": {"vote": "logits", "holdout_size": holdout, "holdout_accuracy": ensemble_accuracy},
+    }
+    return run, report
+
+
+def test_every_plot_is_written_and_embedded(tmp_path: Path, sample) -> None:
+    run, report = fake_run(tmp_path, sample)
+    scores = vote(np.stack([m["holdout_logits"] for m in run.members]))
+    images = render_report(run, report, scores)
+    assert sorted(images) == sorted(["curves.png", "ensemble_size.png", "confusion.png", "errors.png",
+                                     "disagreement.png"])  # fmt: skip
+    for name in images:
+        height, width, _ = matplotlib.image.imread(tmp_path / name).shape
+        assert height > 100 and width > 200
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 5
+    assert "member-02" in page and "Members disagree on" in page
+
+
+def test_ensemble_size_curve_ends_at_the_full_ensemble(sample) -> None:
+    labels = sample[1][:200]
+    logits = np.stack([np.eye(10)[labels] + np.random.default_rng(i).normal(0, 0.8, (200, 10)) for i in range(4)])
+    curve = ensemble_size_curve(logits, labels, "logits")
+    full = float(np.mean(vote(logits).argmax(1) == labels))
+    assert curve["in_order"][-1] == pytest.approx(full) and curve["random_mean"][-1] == pytest.approx(full)
+    assert curve["in_order"][0] == pytest.approx(float(np.mean(logits[0].argmax(1) == labels)))
+    assert curve["random_std"][-1] == pytest.approx(0.0)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (CI installs it)")
+def test_report_shows_its_images_in_a_browser(tmp_path: Path, sample) -> None:
+    run, report = fake_run(tmp_path, sample)
+    render_report(run, report, vote(np.stack([m["holdout_logits"] for m in run.members])))
+    # The page as a browser loads it, plus a check of every image: decoded, with a real size.
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        (tmp_path / "report.html")
+        .read_text()
+        .replace(
+            "</body>",
+            "<script>window.addEventListener('load', () => { const images = [...document.images];"
+            " document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 100).length;"
+            " document.body.dataset.total = images.length; });</script></body>",
+        )
+    )
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*browser, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r'data-loaded="(\d+)" data-total="(\d+)"', dom.stdout)
+    assert match, dom.stderr[-2000:]
+    assert match[1] == match[2] == "5"
+    screenshot = tmp_path / "report.png"
+    subprocess.run([*browser, f"--screenshot={screenshot}", "--window-size=1300,2400", probe.as_uri()],
+                   capture_output=True, timeout=120)  # fmt: skip
+    assert matplotlib.image.imread(screenshot).std() > 0.05  # not a blank page
