@@ -4,7 +4,8 @@ The driver reads the data once, puts it in Ray's object store, and runs one Ray 
 member; each trial fits its member as a Ray Train run (`TensorflowTrainer`, one worker) whose
 checkpoints live under `<output_dir>/members/<member>/`. Ray does the scheduling: members that
 do not fit the cluster's free resources wait for a slot. Once all have finished, the driver
-averages their logits and writes `submission.csv` and `report.json` into the output directory.
+votes with their logits and writes `submission.csv`, `report.json` and `report.html` into the
+output directory (ensemble/results.py).
 
 Running the same command again with the same output directory resumes: finished members are
 not retrained and unfinished ones continue from their last epoch checkpoint.
@@ -49,7 +50,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 TRIAL_MEMORY_BYTES = 512 * 1024**2
-REPORTED_PACKAGES = ("tensorflow", "keras", "ray", "numpy", "pandas", "pyarrow", "scikit-learn")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

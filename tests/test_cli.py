@@ -87,3 +87,13 @@ def test_bad_config_key_exits_non_zero_from_the_shell(tmp_path: Path, override: 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [expected]
     assert not output.exists()
+
+
+def test_rerun_with_another_config_is_refused(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "config.json").write_text('{"ensemble": {"members": 7}}')
+    code, _, err = run_main(capsys, ["--config", "configs/quickstart.yaml", "--output-dir", str(output), "--dry-run"])
+    assert code == 2
+    assert err.startswith(f"error: {output} holds a run with a different config (config.json)")
+    assert sorted(path.name for path in output.iterdir()) == ["config.json"]
