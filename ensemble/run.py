@@ -100,13 +100,23 @@ def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData) -> No
         print(f"{spec.name:<10}{spec.seed:>12}{spec.split_seed:>12}{spec.strength:>10.3f}")
 
 
+def members_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that decides what the members learn and predict.
+
+    A rerun may change the rest (resources, the vote, how many members must finish) and still
+    resume the run; a change here would mix members of two different setups.
+    """
+    ensemble = {k: v for k, v in config["ensemble"].items() if k not in ("vote", "min_members")}
+    return {section: config[section] for section in ("data", "model", "train", "augment")} | {"ensemble": ensemble}
+
+
 def check_output_dir(storage: Storage, config: Config) -> None:
-    """A rerun may resume a run only with the same config; otherwise its checkpoints would be mixed in."""
+    """A rerun may resume a run only if its members would be trained the same way."""
     saved = storage.read_text(CONFIG_FILE)
-    if saved is not None and json.loads(saved) != config.to_dict():
+    if saved is not None and members_config(json.loads(saved)) != members_config(config.to_dict()):
         raise ConfigError(
             f"{storage.location} holds a run with a different config ({CONFIG_FILE}); use another --output-dir "
-            "or the same config to resume it"
+            "or the same data, model, train, augment and ensemble settings to resume it"
         )
 
 

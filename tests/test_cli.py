@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ensemble.config import load_config
 from ensemble.run import main
 
 from .conftest import REPO
@@ -92,7 +94,8 @@ def test_bad_config_key_exits_non_zero_from_the_shell(tmp_path: Path, override: 
 def test_rerun_with_another_config_is_refused(tmp_path: Path, capsys) -> None:
     output = tmp_path / "out"
     output.mkdir()
-    (output / "config.json").write_text('{"ensemble": {"members": 7}}')
+    saved = load_config("configs/quickstart.yaml", [{"output_dir": str(output)}, "ensemble.members=7"])
+    (output / "config.json").write_text(json.dumps(saved.to_dict()))
     code, _, err = run_main(capsys, ["--config", "configs/quickstart.yaml", "--output-dir", str(output), "--dry-run"])
     assert code == 2
     assert err.startswith(f"error: {output} holds a run with a different config (config.json)")
