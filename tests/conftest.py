@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ensemble.data import PIXELS, load_sample
+from ensemble.data import load_sample, write_kaggle_csv
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Parsed-CSV cache (ensemble/data.py) in a fresh folder, not the user's ~/.cache; runs started by tests inherit it.
+os.environ["DIGIT_ENSEMBLE_CACHE"] = tempfile.mkdtemp(prefix="digit-ensemble-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "digit-recognizer"
-
-
-def write_kaggle_csv(path: Path, images: np.ndarray, labels: np.ndarray | None) -> Path:
-    pixels = images.reshape(len(images), -1).astype(int)
-    header = ",".join((["label"] if labels is not None else []) + PIXELS)
-    rows = pixels if labels is None else np.column_stack([labels, pixels])
-    np.savetxt(path, rows, fmt="%d", delimiter=",", header=header, comments="")
-    return path
 
 
 @pytest.fixture(scope="session")
