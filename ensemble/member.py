@@ -1,4 +1,4 @@
-"""One ensemble member: its plan (seed, split, augmentation strength) and its training loop.
+"""One ensemble member's training: its input pipeline, its checkpoints, its training loop.
 
 `train_member` runs inside a Ray Train worker. It checkpoints at the end of every epoch
 (model with optimizer state, early-stopping state, history) through `ray.train.report`, so a

@@ -69,3 +69,30 @@ def test_rerun_after_driver_crash_keeps_finished_members_and_resumes_the_rest(tm
     report = json.loads((output / "report.json").read_text())
     assert [member["name"] for member in report["members"]] == ["member-00", "member-01", "member-02"]
     assert len((output / "submission.csv").read_text().splitlines()) == 1001
+
+
+def test_exhausted_retries_keep_finished_members_and_vote_only_if_allowed(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    # No restarts: a killed worker fails its member for good. One member at a time: 00 finishes first.
+    args = [*QUICK, "--output-dir", str(output), "--set", "resources.max_failures=0"]
+    args += ["--set", "ensemble.members=2", "--set", "train.max_epochs=3", "--set", "resources.max_parallel_members=1"]
+
+    first = EnsembleProcess(*args)
+    _, match = first.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+member-01 epoch 1:")
+    os.kill(int(match[1]), signal.SIGKILL)
+    assert first.finish() == 1
+    assert "error: 1 of 2 members finished, 2 needed to vote" in first.output
+    assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
+    finished = checkpoint_files(output / "members" / "member-00")
+    assert finished
+
+    # Allowed to vote with one member, the rerun does so when member-01 fails again.
+    second = EnsembleProcess(*args, "--set", "ensemble.min_members=1")
+    _, match = second.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+member-01: resuming after epoch")
+    os.kill(int(match[1]), signal.SIGKILL)
+    assert second.finish() == 0, second.output[-3000:]
+    assert checkpoint_files(output / "members" / "member-00") == finished
+    report = json.loads((output / "report.json").read_text())
+    assert report["ensemble"]["members"] == ["member-00"]
+    assert [failure["name"] for failure in report["failed_members"]] == ["member-01"]
+    assert len((output / "submission.csv").read_text().splitlines()) == 1001
