@@ -38,7 +38,7 @@ def member_files(output: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in sorted((output / "members").rglob("*")) if path.is_file()}
 
 
-def test_quickstart_trains_votes_writes_and_resumes(tmp_path: Path, kaggle_dir: Path, sample) -> None:
+def test_quickstart_trains_votes_writes_and_is_reused(tmp_path: Path, kaggle_dir: Path, sample) -> None:
     output = tmp_path / "quickstart"
     first = run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
 
@@ -80,11 +80,8 @@ def test_quickstart_trains_votes_writes_and_resumes(tmp_path: Path, kaggle_dir: 
     page = (output / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(PLOTS) and "member-02" in page
 
-    # The same command again resumes the finished run: nothing is retrained or rewritten under members/.
+    # (Rerunning a finished or crashed run is tested in test_fault_tolerance.py.)
     before = member_files(output)
-    run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
-    assert member_files(output) == before
-    assert read_submission(output / "submission.csv")[1].tolist() == rows.tolist()
 
     # A re-vote from the saved logits, without training, rewrites the submission and the report.
     revote = subprocess.run(

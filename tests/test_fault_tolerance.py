@@ -75,10 +75,11 @@ def test_exhausted_retries_keep_finished_members_and_vote_only_if_allowed(tmp_pa
     output = tmp_path / "run"
     # No restarts: a killed worker fails its member for good. One member at a time: 00 finishes first.
     args = [*QUICK, "--output-dir", str(output), "--set", "resources.max_failures=0"]
-    args += ["--set", "ensemble.members=2", "--set", "train.max_epochs=3", "--set", "resources.max_parallel_members=1"]
+    args += ["--set", "ensemble.members=2", "--set", "train.max_epochs=4", "--set", "resources.max_parallel_members=1"]
 
     first = EnsembleProcess(*args)
     _, match = first.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+member-01 epoch 1:")
+    time.sleep(2)  # let Ray Train's controller register epoch 1's checkpoint, which the rerun resumes from
     os.kill(int(match[1]), signal.SIGKILL)
     assert first.finish() == 1
     assert "error: 1 of 2 members finished, 2 needed to vote" in first.output
