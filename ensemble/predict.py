@@ -19,6 +19,7 @@ import numpy as np
 from ensemble.config import ConfigError
 from ensemble.data import IMAGE_SIDE, DataError, read_kaggle_csv
 from ensemble.outputs import MODEL_FILE, Storage
+from ensemble.results import member_checkpoint, read_report
 from ensemble.vote import vote, vote_probabilities
 
 
@@ -50,15 +51,13 @@ def read_input(path: Path) -> tuple[np.ndarray, list[str] | None]:
 def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndarray:
     """(members, images, classes): every member's logits, with the run's test-time augmentation."""
     import keras
-    import ray.train
 
     from ensemble.member import predict_logits
 
     views = report["config"]["ensemble"]["tta"]
     logits = []
     for member in report["members"]:
-        checkpoint = ray.train.Checkpoint(storage.path(member["checkpoint"]), storage.filesystem)
-        with checkpoint.as_directory() as directory:
+        with member_checkpoint(storage, member["checkpoint"]).as_directory() as directory:
             model = keras.models.load_model(Path(directory) / MODEL_FILE)
         logits.append(predict_logits(model, images, views))
     return np.stack(logits)
@@ -82,10 +81,6 @@ def predictions_csv(scores: np.ndarray, method: str, files: list[str] | None, pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
-    from ensemble.outputs import REPORT_FILE
-
     parser = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a finished run's output directory (or URI)")
     parser.add_argument("--input", required=True, type=Path, help="Kaggle-format CSV, or a folder of PNG digits")
@@ -94,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         storage = Storage(args.run)
-        report_text = storage.read_text(REPORT_FILE)
-        if report_text is None:
-            raise ConfigError(f"{args.run}: no {REPORT_FILE}; is it a finished run's output dir?")
-        report = json.loads(report_text)
+        report = read_report(storage)
         images, files = read_input(args.input)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)

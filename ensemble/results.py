@@ -45,9 +45,22 @@ class RunResults:
     timings: dict[str, float]
 
 
+def member_checkpoint(storage: Storage, checkpoint: str) -> ray.train.Checkpoint:
+    """A member's checkpoint, by its path relative to the run (as report.json names it)."""
+    return ray.train.Checkpoint(storage.path(checkpoint), storage.filesystem)
+
+
+def read_report(storage: Storage) -> dict[str, Any]:
+    """A finished run's report.json; a ConfigError when the location holds no finished run."""
+    text = storage.read_text(REPORT_FILE)
+    if text is None:
+        raise ConfigError(f"{storage.location}: no {REPORT_FILE}; is it a finished run's output dir?")
+    return json.loads(text)
+
+
 def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> dict[str, Any]:
     """A finished member's report entry, history and logits, read from its final checkpoint."""
-    with ray.train.Checkpoint(storage.path(checkpoint), storage.filesystem).as_directory() as directory:
+    with member_checkpoint(storage, checkpoint).as_directory() as directory:
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         with np.load(Path(directory) / LOGITS_FILE) as logits:
             arrays = {name: logits[name] for name in logits.files}
@@ -74,11 +87,10 @@ def save_holdout(storage: Storage, images: np.ndarray, labels: np.ndarray) -> No
 def load_run(location: str) -> RunResults:
     """A finished run, from its output directory: members' logits, holdout, config."""
     storage = Storage(location)
-    report_text = storage.read_text(REPORT_FILE)
+    report = read_report(storage)
     holdout = storage.read_bytes(HOLDOUT_FILE)
-    if report_text is None or holdout is None:
-        raise ConfigError(f"{location}: no {REPORT_FILE} and {HOLDOUT_FILE}; is it a finished run's output dir?")
-    report = json.loads(report_text)
+    if holdout is None:
+        raise ConfigError(f"{location}: no {HOLDOUT_FILE}; is it a finished run's output dir?")
     spec_fields = [field.name for field in dataclasses.fields(MemberSpec)]
     members = [
         load_member(storage, MemberSpec(**{key: entry[key] for key in spec_fields}), entry["checkpoint"])
