@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 VOTE_METHODS = ("logits", "probabilities", "majority", "weighted")
+BACKENDS = ("tensorflow", "jax")  # Keras 3 backends a member can train with
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    # Keras backend of every member's worker: "tensorflow", or "jax" (pip install -e ".[jax]"; see README).
+    backend: str = "tensorflow"
     batch_size: int = 64
     learning_rate: float = 1e-4
     decay_steps: int = 255
@@ -198,6 +201,7 @@ def _validate(config: Config) -> None:
     check(config.model.width > 0, "model.width", "must be positive")
     check(0.0 <= config.model.bn_momentum < 1.0, "model.bn_momentum", "must be in [0, 1)")
     check(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    check(config.train.backend in BACKENDS, "train.backend", f"must be one of {', '.join(BACKENDS)}")
     check(config.train.batch_size > 0, "train.batch_size", "must be positive")
     check(config.train.max_epochs > 0, "train.max_epochs", "must be positive")
     precisions = ("float32", "mixed_bfloat16", "mixed_float16")

@@ -10,11 +10,16 @@ from ensemble.data import IMAGE_SIDE, NUM_CLASSES
 CONV_FILTERS = (256, 512, 1024)
 
 
-def build_model(config: ModelConfig) -> keras.Model:
-    """Input: raw pixels 0..255, shape (28, 28, 1). Output: float32 logits over the 10 digits."""
+def build_model(config: ModelConfig, augmentation: keras.layers.Layer | None = None) -> keras.Model:
+    """Input: raw pixels 0..255, shape (28, 28, 1). Output: float32 logits over the 10 digits.
+
+    `augmentation`, a training-only layer (ensemble.augment.RandomAffine), goes first: it then runs
+    inside the compiled training step, on the device that trains, and is the identity at inference.
+    """
     regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
     inputs = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="pixels")
-    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = inputs if augmentation is None else augmentation(inputs)
+    x = keras.layers.Rescaling(1 / 255)(x)
     for block, filters in enumerate(CONV_FILTERS):
         x = keras.layers.Conv2D(
             max(1, round(filters * config.width)),
@@ -22,6 +27,7 @@ def build_model(config: ModelConfig) -> keras.Model:
             padding="same",
             use_bias=False,  # BatchNorm's offset makes a bias redundant
             kernel_regularizer=regularizer,
+            name=f"conv{block + 1}",
         )(x)
         x = keras.layers.BatchNormalization(momentum=config.bn_momentum)(x)
         x = keras.layers.ReLU()(x)

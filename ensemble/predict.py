@@ -52,7 +52,7 @@ def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndar
     """(members, images, classes): every member's logits, with the run's test-time augmentation."""
     import keras
 
-    from ensemble.member import predict_logits
+    from ensemble.train import predict_logits
 
     views = report["config"]["ensemble"]["tta"]
     logits = []

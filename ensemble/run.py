@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
 from ensemble.data import DataError, EnsembleData, prepare
+from ensemble.member import member_trainer
 from ensemble.outputs import (
     CONFIG_FILE,
     HTML_REPORT_FILE,
@@ -159,35 +160,8 @@ def run_member(
     trial_config: dict[str, Any], config: Config, storage: Storage, data_ref: tuple, resources: dict[str, float]
 ) -> dict:
     """Ray Tune trial: fit one member as a Ray Train run and return its final checkpoint's path in the run."""
-    from ray.train.tensorflow import TensorflowTrainer  # imports TensorFlow: only in the trial process
-
-    from ensemble.member import train_member
-
     spec = MemberSpec(**trial_config["member"])
-    use_gpu = resources["GPU"] > 0
-    trainer = TensorflowTrainer(
-        train_member,
-        train_loop_config={
-            "config": config,
-            "member": spec,
-            "data_ref": data_ref[0],
-            "cpus": resources["CPU"],
-            "storage": storage,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=1,
-            use_gpu=use_gpu,
-            resources_per_worker=resources if use_gpu else {"CPU": resources["CPU"]},
-        ),
-        run_config=ray.train.RunConfig(
-            name=spec.name,
-            storage_path=storage.path(MEMBERS_DIR),
-            storage_filesystem=storage.filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=config.resources.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    result = member_trainer(config, spec, storage, data_ref[0], resources).fit()
     return {"checkpoint": storage.relative(result.checkpoint.path)}
 
 

@@ -38,9 +38,15 @@ def member_files(output: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in sorted((output / "members").rglob("*")) if path.is_file()}
 
 
-def test_quickstart_trains_votes_writes_and_is_reused(tmp_path: Path, kaggle_dir: Path, sample) -> None:
-    output = tmp_path / "quickstart"
-    first = run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's quickstart, with the default backend (TensorFlow): its output dir and its process."""
+    output = tmp_path_factory.mktemp("tensorflow") / "quickstart"
+    return output, run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output))
+
+
+def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path, kaggle_dir: Path, sample) -> None:
+    output, first = quickstart
 
     lines, rows = read_submission(output / "submission.csv")
     assert lines[0] == "ImageId,Label" and len(rows) == 1000
@@ -111,6 +117,38 @@ def test_quickstart_trains_votes_writes_and_is_reused(tmp_path: Path, kaggle_dir
     from_png = predict(output, folder, tmp_path / "from-png.csv")
     assert from_png["File"].tolist() == [f"digit-{index:02d}.png" for index in range(10)]
     assert (from_png["Label"].to_numpy() == majority[:10]).sum() >= 8
+
+
+def test_quickstart_under_jax_gives_the_same_outputs(quickstart, tmp_path: Path) -> None:
+    output = tmp_path / "quickstart-jax"
+    run_ensemble("--config", "configs/quickstart.yaml", "--output-dir", str(output), "--set", "train.backend=jax")
+    report = json.loads((output / "report.json").read_text())
+    assert report["config"]["train"]["backend"] == "jax"
+    assert [member["name"] for member in report["members"]] == ["member-00", "member-01", "member-02"]
+    assert all(member["holdout_accuracy"] > 0.8 for member in report["members"])  # chance is 0.1
+    assert report["ensemble"]["holdout_accuracy"] >= 0.9
+    # The same files, in the same formats, as the TensorFlow run.
+    reference, _ = quickstart
+    assert layout(output) == layout(reference)
+    lines, rows = read_submission(output / "submission.csv")
+    assert lines[0] == "ImageId,Label" and rows.shape == (1000, 2)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(1, 1001))
+    assert report.keys() == json.loads((reference / "report.json").read_text()).keys()
+    for member in report["members"]:
+        with np.load(output / member["checkpoint"] / "logits.npz") as logits:
+            assert logits["holdout"].shape == (500, 10) and logits["test"].dtype == np.float32
+
+
+def layout(output: Path) -> set[str]:
+    """A run's files, with checkpoint and TensorBoard event names reduced to their kind."""
+    names = set()
+    for path in output.rglob("*"):
+        if path.is_file() and "ray" not in path.relative_to(output).parts[:1]:
+            parts = path.relative_to(output).parts
+            names.add(
+                "/".join("checkpoint_*" if p.startswith("checkpoint_") else p for p in parts if ".tfevents." not in p)
+            )
+    return names
 
 
 def predict(run: Path, source: Path, target: Path, *options: str) -> pd.DataFrame:

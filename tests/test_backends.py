@@ -1,0 +1,35 @@
+"""The backend-sensitive tests, again under each Keras backend this process does not run.
+
+Keras picks its backend once per process (KERAS_BACKEND, read on first import), so the other
+backend gets a pytest process of its own. The quickstart runs under each backend in
+tests/test_end_to_end.py; members' workers get their backend from the run's config, not from here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import pytest
+
+from .conftest import REPO
+
+OTHER_BACKENDS = [name for name in ("tensorflow", "jax") if name != keras.backend.backend()]
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_augmentation_and_test_time_augmentation_under(backend: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_augment.py", "-q", "-p", "no:cacheprovider"],
+        cwd=REPO,
+        env=os.environ | {"KERAS_BACKEND": backend},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"=* ?\d+ passed(, \d+ warnings?)? in [\d.]+s( \(.*\))? ?=*", summary), summary
