@@ -33,6 +33,8 @@ NUM_CLASSES = 10
 SAMPLE_TEST_ROWS = 1000
 CACHE_ENV = "DIGIT_ENSEMBLE_CACHE"  # overrides the cache directory
 CACHE_VERSION = 1  # part of every cache file's name: bump it when what is cached changes
+HEADER_LIMIT = 64 * 1024  # a Kaggle header is 6.7 KB; whatever has no newline within this is not one
+QUOTE_LIMIT = 40  # characters of an offending value an error message quotes
 
 
 class DataError(ValueError):
@@ -48,6 +50,11 @@ class EnsembleData:
     holdout_images: np.ndarray  # common holdout: seen by no member, scores members and ensemble alike
     holdout_labels: np.ndarray
     test_images: np.ndarray  # unlabeled: the submission's images
+
+
+def quoted(value: str) -> str:
+    """`value` as an error message shows it: repr'd, at most QUOTE_LIMIT characters of it."""
+    return repr(value) if len(value) <= QUOTE_LIMIT else repr(value[:QUOTE_LIMIT]) + "..."
 
 
 def _to_images(pixels: np.ndarray) -> np.ndarray:
@@ -73,7 +80,7 @@ def _first_bad_line(path: Path, header: list[str]) -> str:
     for name in header:
         for index, text in enumerate(table.column(name).to_pylist()):
             if text is None or not text.strip().isdigit():
-                return f"line {index + 2}, column {name}: {text!r} is not an integer"
+                return f"line {index + 2}, column {name}: {quoted(text or '')} is not an integer"
     return "unreadable CSV"
 
 
@@ -86,8 +93,10 @@ def read_kaggle_csv(path: str | Path, has_labels: bool) -> tuple[np.ndarray, np.
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     with path.open("rb") as handle:
-        first_line = handle.readline().decode("utf-8", errors="replace").strip()
-    found = [name.strip() for name in first_line.split(",")]
+        first_line = handle.readline(HEADER_LIMIT)
+    if not first_line.endswith(b"\n") and len(first_line) == HEADER_LIMIT:
+        raise DataError(f"{path}: no header line in its first {HEADER_LIMIT // 1024} KiB; not a Kaggle CSV")
+    found = [name.strip() for name in first_line.decode("utf-8", errors="replace").strip().split(",")]
     if found != header:
         if not has_labels and found == TRAIN_HEADER:
             raise DataError(f"{path}: has a 'label' column; a test file holds pixels only")
@@ -95,7 +104,7 @@ def read_kaggle_csv(path: str | Path, has_labels: bool) -> tuple[np.ndarray, np.
             raise DataError(f"{path}: has no 'label' column; a training file starts with label,pixel0,...")
         position = next((i for i, (a, b) in enumerate(zip(found, header, strict=False)) if a != b), None)
         detail = (
-            f"column {position + 1} is {found[position]!r}, expected {header[position]!r}"
+            f"column {position + 1} is {quoted(found[position])}, expected {header[position]!r}"
             if position is not None
             else f"{len(found)} columns, expected {len(header)}"
         )

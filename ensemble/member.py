@@ -1,6 +1,6 @@
 """One ensemble member as a Ray Train run: its trainer, and the worker loop that checkpoints every epoch.
 
-`member_trainer` builds the run: a TensorflowTrainer for the TensorFlow backend, the framework-neutral
+`member_trainer`, called in the member's Tune trial, builds the run: a TensorflowTrainer for the TensorFlow backend, the framework-neutral
 DataParallelTrainer for JAX, one worker either way, whose runtime environment sets KERAS_BACKEND
 before Keras is imported there. `train_member` runs in that worker: it fits the member with
 ensemble/train.py and checkpoints at the end of every epoch (model with optimizer state,
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from ensemble.config import Config, TrainConfig
 from ensemble.data import EnsembleData
@@ -73,6 +74,8 @@ def member_trainer(
             failure_config=ray.train.FailureConfig(max_failures=config.resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env(config.train, resources["GPU"])},
+            # Each report reaches the driver's Tune run (its progress lines) once its checkpoint is registered.
+            callbacks=[TuneReportCallback()],
         ),
     }
     if config.train.backend == "tensorflow":
@@ -130,7 +133,7 @@ def train_member(loop_config: dict[str, Any]) -> None:
             model = keras.models.load_model(directory / MODEL_FILE)
             with np.load(directory / BEST_WEIGHTS_FILE) as arrays:
                 best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-        print(f"{spec.name}: resuming after epoch {state.epochs}", flush=True)
+        ray.train.report({"member": spec.index, "resumed_after": state.epochs})  # the driver says so
         # A fresh seed per resume so that the restarted epochs do not replay the same shuffles.
         seed_everything(spec.seed + state.epochs)
     else:
@@ -145,12 +148,6 @@ def train_member(loop_config: dict[str, Any]) -> None:
                 BEST_WEIGHTS_FILE: _savez(best),
                 STATE_FILE: json.dumps(dataclasses.asdict(state)).encode(),
             },
-        )
-        # Printed once the checkpoint is stored: a crash after this line loses nothing of this epoch.
-        print(
-            f"{spec.name} epoch {state.epochs}: loss {last['loss']:.4f} accuracy {last['accuracy']:.4f} "
-            f"val_loss {last['val_loss']:.4f} val_accuracy {last['val_accuracy']:.4f} ({last['seconds']:.1f}s)",
-            flush=True,
         )
 
     # TensorBoard event files are written by local file APIs: local (or shared) disks only.

@@ -41,6 +41,25 @@ class Storage:
         self.root = self.root.rstrip("/")
         self.location = location
 
+    def check_writable(self) -> None:
+        """Write and delete a probe file at the output location: a one-line ConfigError if that fails.
+
+        Run before Ray starts, so that an unusable location stops a run before any work; a location
+        that did not exist is removed again, so that a run refused later leaves nothing behind.
+        """
+        existed = self.filesystem.get_file_info(self.root).type
+        if existed == pyarrow.fs.FileType.File:
+            raise ConfigError(f"output dir {self.location}: is a file, not a directory")
+        probe = f".write-check-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(b"", probe)
+            self.filesystem.delete_file(self.path(probe))
+            if existed == pyarrow.fs.FileType.NotFound:
+                self.filesystem.delete_dir(self.root)
+        except (OSError, pyarrow.ArrowException) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"output dir {self.location}: cannot be written ({reason[:120]})") from None
+
     def path(self, *parts: str) -> str:
         """A path inside the run, as `filesystem` (and Ray's `storage_filesystem`) expects it."""
         return "/".join([self.root, *parts])

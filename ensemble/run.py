@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
+import socket
 import sys
 import time
 import uuid
@@ -44,9 +46,8 @@ from ensemble.outputs import (
 from ensemble.plan import MemberSpec, plan_members
 from ensemble.results import RunResults, load_member, save_holdout, write_results
 
-# Set before TensorFlow is first imported (lazily, after the inputs are checked) and inherited by the
-# local cluster's processes: fewer TensorFlow C++ info lines, and no second copy of every print from
-# Ray Train (members print one progress line per epoch).
+# Set before TensorFlow is first imported and inherited by the local cluster's processes: fewer
+# TensorFlow C++ info lines in Ray's logs, and with --verbose no second copy of every worker print.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
@@ -62,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", help="where results go (default: runs/<config name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit without training")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's, Tune's and the workers' own output (kept in Ray's logs)"
+    )
     return parser.parse_args(argv)
 
 
@@ -81,9 +85,8 @@ def parallel_members(config: Config, resources: dict[str, float], cluster: dict[
     return max(1, min([config.ensemble.members, *fits]))
 
 
-def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData) -> None:
-    from ensemble.model import build_model
-
+def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData, count_parameters: bool) -> None:
+    """The resolved plan; count_parameters builds the model in this process (with Keras' backend imported)."""
     print(f"output dir: {config.output_dir}")
     print(
         f"data: {len(data.pool_labels)} pool images ({1 - config.data.val_fraction:.0%} train / "
@@ -95,7 +98,12 @@ def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData) -> No
         f"resources per member: {resources.cpus_per_member} CPU, {resources.gpus_per_member} GPU; "
         f"at most {resources.max_parallel_members or 'as many as fit'} at once"
     )
-    print(f"model: width {config.model.width}, {build_model(config.model).count_params():,} parameters")
+    model = f"model: width {config.model.width}, Keras backend {config.train.backend}"
+    if count_parameters:
+        from ensemble.model import build_model
+
+        model += f", {build_model(config.model).count_params():,} parameters"
+    print(model)
     print(f"{'member':<10}{'seed':>12}{'split seed':>12}{'strength':>10}")
     for spec in plan:
         print(f"{spec.name:<10}{spec.seed:>12}{spec.split_seed:>12}{spec.strength:>10.3f}")
@@ -156,6 +164,61 @@ def check_storage_is_shared(storage: Storage) -> None:
         )
 
 
+def progress_line(name: str, metrics: dict[str, Any]) -> str:
+    return (
+        f"{name} epoch {metrics['epoch']}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+        f"val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f} ({metrics['seconds']:.1f}s)"
+    )
+
+
+class ProgressLines(tune.Callback):
+    """Prints each member's epochs on the driver, from the metrics its worker reports with each checkpoint.
+
+    Ray Train hands a report to Tune (TuneReportCallback) only once its checkpoint is registered with
+    the member's run, so an epoch whose line was printed is never trained again after a crash.
+    """
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        name = MemberSpec(**trial.config["member"]).name
+        if "resumed_after" in result:
+            print(f"{name}: resuming after epoch {result['resumed_after']}", flush=True)
+        elif "val_loss" in result and not result.get("done"):
+            print(progress_line(name, result), flush=True)
+
+
+def start_ray(verbose: bool) -> str:
+    """Join the cluster RAY_ADDRESS names (as `ray job submit` sets it), else start a local Ray of our own.
+
+    Never the cluster a `ray start` may have left recorded in Ray's temp dir: a local run is local, even
+    when that cluster is dead. Returns the directory of Ray's logs.
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+    logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.CRITICAL)  # we report failures
+    context = ray.init(
+        address=address or "local",
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        # Workers' output (TensorFlow's, Ray Train's) stays in Ray's log files; progress comes from metrics.
+        log_to_driver=verbose,
+    )
+    return os.path.join(context.address_info["session_dir"], "logs")
+
+
+def check_reachable(address: str) -> None:
+    """A ConfigError at once if nothing listens at a host:port address, where Ray would retry for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" or a URL: Ray resolves it
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise ConfigError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}); start it "
+            "(ray start --head), point RAY_ADDRESS at a running cluster, or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
 def run_member(
     trial_config: dict[str, Any], config: Config, storage: Storage, data_ref: tuple, resources: dict[str, float]
 ) -> dict:
@@ -166,7 +229,7 @@ def run_member(
 
 
 def train_members(
-    config: Config, storage: Storage, plan: list[MemberSpec], data: EnsembleData
+    config: Config, storage: Storage, plan: list[MemberSpec], data: EnsembleData, verbose: bool
 ) -> tuple[list[dict], list[dict]]:
     """Run every member through Ray; returns (finished members with their logits, failed members)."""
     cluster = ray.cluster_resources()
@@ -182,9 +245,16 @@ def train_members(
         param_space={"member": tune.grid_search([dataclasses.asdict(spec) for spec in plan])},
         tune_config=tune.TuneConfig(max_concurrent_trials=parallel_members(config, resources, cluster)),
         run_config=tune.RunConfig(
-            name="tune", storage_path=storage.path("ray"), storage_filesystem=storage.filesystem, verbose=0
+            name="tune",
+            storage_path=storage.path("ray"),
+            storage_filesystem=storage.filesystem,
+            callbacks=[ProgressLines()],
+            verbose=1 if verbose else 0,
         ),
     )
+    if not verbose:
+        # Tune's default output engine prints its config box even at verbose=0; the legacy one is silent.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     finished, failed = [], []
     for result in tuner.fit():
         spec = MemberSpec(**result.config["member"])
@@ -208,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(config.output_dir)
         check_output_dir(storage, config)
         data = prepare(config.data)
+        storage.check_writable()
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     plan = plan_members(config.ensemble)
+    print_plan(config, plan, data, count_parameters=args.dry_run)
     if args.dry_run:
-        print_plan(config, plan, data)
         return 0
 
     # Under `ray job submit --working-dir`, this driver runs inside Ray's copy of the working dir, which
@@ -221,16 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     # os.getcwd()). Everything needed from it (config, data, this package's modules) is loaded by now.
     os.chdir(Path.home())
     data_seconds = time.time() - started
-    # Inside `ray job submit` or with RAY_ADDRESS set this joins that cluster; otherwise it starts a local one.
-    ray.init(logging_level="warning", log_to_driver=True)
     try:
+        logs = start_ray(args.verbose)
         check_storage_is_shared(storage)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if not args.verbose:
+        print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
     storage.write_text(json.dumps(config.to_dict(), indent=2), CONFIG_FILE)
     save_holdout(storage, data.holdout_images, data.holdout_labels)
-    finished, failed = train_members(config, storage, plan, data)
+    finished, failed = train_members(config, storage, plan, data, args.verbose)
     required = config.ensemble.min_members or config.ensemble.members
     for member in failed:
         print(f"{member['name']} failed: {member['error']}", file=sys.stderr)

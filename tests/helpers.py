@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# One line per log record, each with its process prefix: tests look for lines and read pids from them.
-ENV = os.environ | {"RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
+# Ray titles a Ray Train worker's process after its actor class.
+TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 
 
 class EnsembleProcess:
@@ -54,6 +55,19 @@ class EnsembleProcess:
                 break
             time.sleep(0.2)
         raise AssertionError(f"no line matching {pattern!r}; output ends:\n{self.output[-3000:]}")
+
+    def train_worker_pid(self, timeout: float = 60) -> int:
+        """The pid of the run's Ray Train worker: the one process of its session titled ray::RayTrainWorker."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listing = subprocess.run(
+                ["ps", "-s", str(self.process.pid), "-o", "pid=,args="], capture_output=True, text=True
+            ).stdout
+            pids = [int(line.split()[0]) for line in listing.splitlines() if TRAIN_WORKER_TITLE in line]
+            if len(pids) == 1:
+                return pids[0]
+            time.sleep(0.2)
+        raise AssertionError(f"not exactly one {TRAIN_WORKER_TITLE} process in the run's session")
 
     def finish(self, timeout: float = 900) -> int:
         code = self.process.wait(timeout)

@@ -45,6 +45,29 @@ def test_bad_pixel_value_writes_nothing(kaggle_dir: Path, tmp_path: Path, capsys
     assert not output.exists()
 
 
+def test_a_binary_file_gets_a_short_error_line(kaggle_dir: Path, tmp_path: Path, capsys) -> None:
+    # 50 KB of bytes with no newline, given as train.csv: the header check reads a bounded prefix of it.
+    (kaggle_dir / "train.csv").write_bytes(bytes(range(256)).replace(b"\n", b"") * 200)
+    output = tmp_path / "out"
+    code, _, err = run_main(
+        capsys, ["--config", "configs/quickstart.yaml", "--data-dir", str(kaggle_dir), "--output-dir", str(output)]
+    )
+    assert code == 2 and err.count("\n") == 1 and len(err) < 300
+    assert err.startswith(f"error: {kaggle_dir / 'train.csv'}: wrong header: column 1 is ")
+    assert not output.exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_starts(kaggle_dir: Path, capsys) -> None:
+    for extra in ([], ["--dry-run"]):
+        code, out, err = run_main(
+            capsys,
+            ["--config", "configs/quickstart.yaml", "--data-dir", str(kaggle_dir), "--output-dir", "/proc/x", *extra],
+        )
+        assert code == 2 and out == ""
+        assert err.count("\n") == 1 and err.startswith("error: output dir /proc/x: cannot be written (")
+    assert not Path("/proc/x").exists()
+
+
 def test_dry_run_prints_the_plan_and_the_reference_parameter_count(kaggle_dir: Path, tmp_path: Path, capsys) -> None:
     output = tmp_path / "out"
     code, out, _ = run_main(
