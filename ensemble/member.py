@@ -1,12 +1,12 @@
 """One ensemble member as a Ray Train run: its trainer, and the worker loop that checkpoints every epoch.
 
-`member_trainer`, called in the member's Tune trial, builds the run: a TensorflowTrainer for the TensorFlow backend, the framework-neutral
-DataParallelTrainer for JAX, one worker either way, whose runtime environment sets KERAS_BACKEND
-before Keras is imported there. `train_member` runs in that worker: it fits the member with
-ensemble/train.py and checkpoints at the end of every epoch (model with optimizer state,
-early-stopping state, history) through `ray.train.report`, so a restarted worker, or a rerun of
-the same command, continues from the last finished epoch; a member whose final checkpoint is marked
-done is not trained again.
+`member_trainer`, called in the member's Tune trial, builds the run: a TensorflowTrainer for the
+TensorFlow backend, the framework-neutral DataParallelTrainer for JAX, one worker either way, whose
+runtime environment sets KERAS_BACKEND before Keras is imported there. `train_member` runs in
+that worker: it fits the member with ensemble/train.py and checkpoints at the end of every epoch
+(model with optimizer state, early-stopping state, history) through `ray.train.report`, so a
+restarted worker, or a rerun of the same command, continues from the last finished epoch; a member
+whose final checkpoint is marked done is not trained again.
 
 This module imports neither Keras nor TensorFlow at the top: the Tune trial that builds the trainer
 never trains, and Keras must first be imported in the worker, under the worker's KERAS_BACKEND.

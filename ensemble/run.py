@@ -195,6 +195,10 @@ def start_ray(verbose: bool) -> str:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
+    else:
+        # Each member starts several processes at once (Tune trial, Train controller, worker); Ray's default
+        # cap of one starting process per CPU makes them queue, and the raylet warn about it on the console.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * (os.cpu_count() or 1)))
     logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.CRITICAL)  # we report failures
     context = ray.init(
         address=address or "local",
@@ -221,11 +225,9 @@ def check_reachable(address: str) -> None:
 
 def run_member(
     trial_config: dict[str, Any], config: Config, storage: Storage, data_ref: tuple, resources: dict[str, float]
-) -> dict:
-    """Ray Tune trial: fit one member as a Ray Train run and return its final checkpoint's path in the run."""
-    spec = MemberSpec(**trial_config["member"])
-    result = member_trainer(config, spec, storage, data_ref[0], resources).fit()
-    return {"checkpoint": storage.relative(result.checkpoint.path)}
+) -> None:
+    """Ray Tune trial: fit one member as a Ray Train run (its reports reach Tune through TuneReportCallback)."""
+    member_trainer(config, MemberSpec(**trial_config["member"]), storage, data_ref[0], resources).fit()
 
 
 def train_members(
@@ -261,7 +263,9 @@ def train_members(
         if result.error is not None:
             failed.append({"name": spec.name, "error": str(result.error).strip().splitlines()[-1]})
             continue
-        finished.append(load_member(storage, spec, result.metrics["checkpoint"]))
+        # The member's Train run, as stored: its latest checkpoint is the final one, with the logits.
+        checkpoint = ray.train.Result.from_path(storage.path(MEMBERS_DIR, spec.name), storage.filesystem).checkpoint
+        finished.append(load_member(storage, spec, storage.relative(checkpoint.path)))
     return sorted(finished, key=lambda member: member["index"]), failed
 
 

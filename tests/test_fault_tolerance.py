@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import pytest
 
+import ensemble.augment  # noqa: F401  (registers RandomAffine, the first layer of every saved member)
+
 from .helpers import EnsembleProcess
 
 QUICK = ["--config", "configs/quickstart.yaml", "--set", "train.patience=10"]

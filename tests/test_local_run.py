@@ -79,7 +79,7 @@ def test_local_run_ignores_a_dead_cluster_and_shows_every_epoch_and_little_else(
     lines = (result.stdout + result.stderr).splitlines()
     progress = [match.groups() for line in lines if (match := PROGRESS.match(line))]
     # One line per member per epoch, each once: every epoch each member trained, as report.json counts them.
-    expected = [(member["name"], str(epoch)) for member in report["members"] for epoch in range(1, member["epochs"] + 1)]
+    expected = [(m["name"], str(epoch)) for m in report["members"] for epoch in range(1, m["epochs"] + 1)]
     assert sorted(progress) == sorted(expected) and len(progress) == 6
     for word in CHATTER:
         assert word not in result.stdout + result.stderr, word
