@@ -96,6 +96,12 @@ def bash_commands(block: str) -> Iterator[list[str]]:
             yield argv
 
 
+def readme_section(markdown: str, heading: str) -> str:
+    start = markdown.index(heading + "\n")
+    following = re.search(r"^## ", markdown[start + len(heading) :], re.MULTILINE)
+    return markdown[start : start + len(heading) + following.start()] if following else markdown[start:]
+
+
 def all_strings(node: Any) -> Iterator[str]:
     if isinstance(node, str):
         yield node
@@ -350,7 +356,7 @@ def test_readme_job_command_writes_to_the_launchers_shared_storage() -> None:
         assert config.resources.max_parallel_members == worker["max_workers"]  # one member per GPU node
 
 
-DOCS = [CLUSTER / "README.md"]
+DOCS = [REPO / "README.md", CLUSTER / "README.md"]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(REPO)))
@@ -370,6 +376,13 @@ def test_docs_reach_clusters_through_a_tunnel_with_the_token(doc: Path) -> None:
                 assert token_mode, f"{shlex.join(argv)} without `export {AUTH_MODE_ENV_VAR}=token` before it"
                 assert argv[argv.index("--address") + 1] == "http://127.0.0.1:8265"
     assert clients
+
+
+def test_readme_says_what_a_client_exports_for_token_auth() -> None:
+    section = readme_section((REPO / "README.md").read_text(), "## On a Ray cluster")
+    for name in [f"export {AUTH_MODE_ENV_VAR}=token", TOKEN_FILE, "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"]:
+        assert name in section, name
+    assert "ray get-auth-token --generate" in section and "ray start --head" in section
 
 
 def test_cluster_readme_walks_through_the_steps_in_order() -> None:
