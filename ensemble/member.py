@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from ensemble.outputs import (
     MEMBERS_DIR,
     MODEL_FILE,
     STATE_FILE,
+    STORAGE_MARKER_FILE,
     TENSORBOARD_DIR,
     Storage,
 )
@@ -55,11 +57,26 @@ def worker_env(train: TrainConfig, gpus: float) -> dict[str, str]:
 
 
 def member_trainer(
-    config: Config, spec: MemberSpec, storage: Storage, data_ref: ray.ObjectRef, resources: dict[str, float]
+    config: Config,
+    spec: MemberSpec,
+    storage: Storage,
+    marker: str,
+    data_ref: ray.ObjectRef,
+    resources: dict[str, float],
 ) -> Any:
-    """The Ray Train run that fits one member: one worker with `resources`, checkpoints under members/<name>/."""
+    """The Ray Train run that fits one member: one worker with `resources`, checkpoints under members/<name>/.
+
+    `marker` is the token the driver wrote to the run's STORAGE_MARKER_FILE, which the worker must read back.
+    """
     use_gpu = resources["GPU"] > 0
-    loop_config = {"config": config, "member": spec, "data_ref": data_ref, "cpus": resources["CPU"], "storage": storage}
+    loop_config = {
+        "config": config,
+        "member": spec,
+        "data_ref": data_ref,
+        "cpus": resources["CPU"],
+        "storage": storage,
+        "marker": marker,
+    }
     options = {
         "train_loop_config": loop_config,
         "scaling_config": ray.train.ScalingConfig(
@@ -107,15 +124,31 @@ def _savez(arrays: list[np.ndarray] | dict[str, np.ndarray]) -> Any:
     return lambda path: np.savez(path, *arrays)
 
 
+def check_sees_output(storage: Storage, marker: str, name: str) -> None:
+    """Stop at once, with one line, if this node does not see the run's output location as the driver does.
+
+    Checkpoints written to a node-local path the driver cannot read would be lost to the run.
+    """
+    if storage.read_text(STORAGE_MARKER_FILE) != marker:
+        node = ray.get_runtime_context().get_node_id()[:8]
+        raise RuntimeError(
+            f"{name}'s worker on node {node} does not see the run's output dir {storage.location} (its marker "
+            f"{STORAGE_MARKER_FILE} is missing or from another run); use a filesystem every node mounts at the "
+            "same path, or an s3:// or gs:// URI"
+        )
+
+
 def train_member(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop: fit one member (resuming if a checkpoint exists), then save its logits."""
+    started_at = time.time()
+    storage: Storage = loop_config["storage"]
+    check_sees_output(storage, loop_config["marker"], loop_config["member"].name)
     import keras  # first imported here, under this worker's KERAS_BACKEND
 
     from ensemble.train import TrainingState, configure_backend, fit_member, new_model, predict_logits, seed_everything
 
     config: Config = loop_config["config"]
     spec: MemberSpec = loop_config["member"]
-    storage: Storage = loop_config["storage"]
     configure_backend(loop_config["cpus"])
     # Before any model is built or loaded: layers take their compute dtype from the global policy.
     keras.mixed_precision.set_global_policy(config.train.precision)
@@ -166,6 +199,10 @@ def train_member(loop_config: dict[str, Any]) -> None:
         "val_accuracy": state.history[best_epoch - 1]["val_accuracy"],
         "holdout_accuracy": accuracy(logits["holdout"].argmax(axis=1), data.holdout_labels),
         "node_id": ray.get_runtime_context().get_node_id(),
+        "gpus": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),  # Ray's ids of this worker's GPUs
+        # This worker's training, as wall-clock times: which members ran at once.
+        "started_at": started_at,
+        "finished_at": time.time(),
         "spec": dataclasses.asdict(spec),
     }
     _report(

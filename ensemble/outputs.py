@@ -23,6 +23,9 @@ from ensemble.config import ConfigError
 CONFIG_FILE, SUBMISSION_FILE, REPORT_FILE = "config.json", "submission.csv", "report.json"
 HOLDOUT_FILE = "holdout.npz"  # the common holdout's images and labels: re-votes and the report score on it
 HTML_REPORT_FILE = "report.html"
+# Written by the driver when a run starts, with a token of that start; each member's worker reads it back
+# before training, so a worker that does not see the run's output location stops at once.
+STORAGE_MARKER_FILE = ".storage-marker"
 TENSORBOARD_DIR = "tensorboard"  # one log directory per member: tensorboard --logdir <output_dir>/tensorboard
 MEMBERS_DIR = "members"  # one Ray Train run per member: members/<member>/checkpoint_*/
 # Inside each member checkpoint.

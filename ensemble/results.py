@@ -30,6 +30,11 @@ from ensemble.plan import MemberSpec
 from ensemble.report import render_report
 from ensemble.vote import accuracy, fit_weights, vote
 
+# What report.json keeps of each member's final state (ensemble/member.py), besides its spec and history.
+MEMBER_FIELDS = (
+    *("epochs", "best_epoch", "val_accuracy", "holdout_accuracy"),
+    *("node_id", "gpus", "started_at", "finished_at"),  # where and when it trained
+)
 # Per-member data kept in memory for the vote and the plots, but not written to report.json.
 ARRAY_KEYS = ("history", "holdout_logits", "test_logits", "holdout_logits_plain")
 
@@ -67,7 +72,7 @@ def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> dict[str
     return {
         "name": spec.name,
         **dataclasses.asdict(spec),
-        **{key: state[key] for key in ("epochs", "best_epoch", "val_accuracy", "holdout_accuracy", "node_id")},
+        **{key: state[key] for key in MEMBER_FIELDS},
         "train_seconds": round(sum(epoch["seconds"] for epoch in state["history"]), 2),
         "checkpoint": checkpoint,
         "history": state["history"],

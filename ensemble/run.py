@@ -29,7 +29,6 @@ from typing import Any
 import ray
 import ray.train
 from ray import tune
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
 from ensemble.data import DataError, EnsembleData, prepare
@@ -39,6 +38,7 @@ from ensemble.outputs import (
     HTML_REPORT_FILE,
     MEMBERS_DIR,
     REPORT_FILE,
+    STORAGE_MARKER_FILE,
     SUBMISSION_FILE,
     Storage,
     summary_table,
@@ -129,41 +129,6 @@ def check_output_dir(storage: Storage, config: Config) -> None:
         )
 
 
-def check_storage_is_shared(storage: Storage) -> None:
-    """Refuse a local output path that some of the cluster's nodes cannot see.
-
-    Members write checkpoints wherever Ray schedules them; on a node that does not share the
-    path they would land on that node's own disk and be lost to the run. A marker file written
-    here must be visible from every alive node (a shared filesystem), or the run stops.
-    """
-    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    if not storage.is_local or len(nodes) < 2:
-        return
-    marker = f".storage-check-{uuid.uuid4().hex}"
-    storage.write_text("", marker)
-
-    @ray.remote(num_cpus=0)
-    def sees(path: str) -> bool:
-        return Path(path).exists()
-
-    try:
-        visible = ray.get(
-            [
-                sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-                    storage.path(marker)
-                )
-                for node in nodes
-            ]
-        )
-    finally:
-        storage.filesystem.delete_file(storage.path(marker))
-    if not all(visible):
-        raise ConfigError(
-            f"output dir {storage.location} is not visible from {visible.count(False)} of the cluster's "
-            f"{len(nodes)} nodes; use a path on a filesystem every node mounts, or an s3:// or gs:// URI"
-        )
-
-
 def progress_line(name: str, metrics: dict[str, Any]) -> str:
     return (
         f"{name} epoch {metrics['epoch']}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
@@ -224,14 +189,19 @@ def check_reachable(address: str) -> None:
 
 
 def run_member(
-    trial_config: dict[str, Any], config: Config, storage: Storage, data_ref: tuple, resources: dict[str, float]
+    trial_config: dict[str, Any],
+    config: Config,
+    storage: Storage,
+    marker: str,
+    data_ref: tuple,
+    resources: dict[str, float],
 ) -> None:
     """Ray Tune trial: fit one member as a Ray Train run (its reports reach Tune through TuneReportCallback)."""
-    member_trainer(config, MemberSpec(**trial_config["member"]), storage, data_ref[0], resources).fit()
+    member_trainer(config, MemberSpec(**trial_config["member"]), storage, marker, data_ref[0], resources).fit()
 
 
 def train_members(
-    config: Config, storage: Storage, plan: list[MemberSpec], data: EnsembleData, verbose: bool
+    config: Config, storage: Storage, marker: str, plan: list[MemberSpec], data: EnsembleData, verbose: bool
 ) -> tuple[list[dict], list[dict]]:
     """Run every member through Ray; returns (finished members with their logits, failed members)."""
     cluster = ray.cluster_resources()
@@ -239,7 +209,9 @@ def train_members(
     # The data goes into the object store once; members read it from there. The reference is wrapped
     # in a tuple because with_parameters would otherwise resolve it to the data itself in every trial.
     data_ref = (ray.put(data),)
-    trainable = tune.with_parameters(run_member, config=config, storage=storage, data_ref=data_ref, resources=resources)
+    trainable = tune.with_parameters(
+        run_member, config=config, storage=storage, marker=marker, data_ref=data_ref, resources=resources
+    )
     tuner = tune.Tuner(
         # The trial only waits on its Ray Train run: the member's worker holds the CPUs and GPUs,
         # the trial process just memory (it imports TensorFlow through TensorflowTrainer).
@@ -298,15 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     data_seconds = time.time() - started
     try:
         logs = start_ray(args.verbose)
-        check_storage_is_shared(storage)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not args.verbose:
         print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
     storage.write_text(json.dumps(config.to_dict(), indent=2), CONFIG_FILE)
+    # Each member's worker checks it sees this run's marker before it trains (ensemble/member.py).
+    marker = uuid.uuid4().hex
+    storage.write_text(marker, STORAGE_MARKER_FILE)
     save_holdout(storage, data.holdout_images, data.holdout_labels)
-    finished, failed = train_members(config, storage, plan, data, args.verbose)
+    finished, failed = train_members(config, storage, marker, plan, data, args.verbose)
     required = config.ensemble.min_members or config.ensemble.members
     for member in failed:
         print(f"{member['name']} failed: {member['error']}", file=sys.stderr)
