@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,10 @@ import pytest
 from ensemble.data import write_kaggle_csv
 
 from .conftest import REPO
+from .helpers import free_port
 
 BIN = Path(sys.executable).parent
 NODE_OPTIONS = ["--object-store-memory", str(300 * 1024**2), "--disable-usage-stats", "--block"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
