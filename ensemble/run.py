@@ -160,18 +160,31 @@ def start_ray(verbose: bool) -> str:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
-    else:
+    local: dict[str, Any] = {}
+    if not address:
         # Each member starts several processes at once (Tune trial, Train controller, worker); Ray's default
         # cap of one starting process per CPU makes them queue, and the raylet warn about it on the console.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * (os.cpu_count() or 1)))
+        # Ray's state API, which Ray Train's placement-group cleaner uses inside the cluster, finds "the"
+        # cluster through the address a `ray start` left in Ray's temp dir, perhaps of a dead cluster: point
+        # it at this run's own dashboard instead (the processes of the local cluster inherit this variable).
+        local["dashboard_port"] = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{local['dashboard_port']}"
     logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.CRITICAL)  # we report failures
     context = ray.init(
         address=address or "local",
         logging_level=logging.INFO if verbose else logging.ERROR,
         # Workers' output (TensorFlow's, Ray Train's) stays in Ray's log files; progress comes from metrics.
         log_to_driver=verbose,
+        **local,
     )
     return os.path.join(context.address_info["session_dir"], "logs")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_reachable(address: str) -> None:

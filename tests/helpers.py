@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -15,13 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
 # Ray titles a Ray Train worker's process after its actor class.
 TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (for a cluster that must not be found, or one a test starts)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class EnsembleProcess:

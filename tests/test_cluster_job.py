@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from ensemble.data import write_kaggle_csv
+from ensemble.run import free_port
 
 from .conftest import REPO
-from .helpers import free_port
 
 BIN = Path(sys.executable).parent
 NODE_OPTIONS = ["--object-store-memory", str(300 * 1024**2), "--disable-usage-stats", "--block"]

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ensemble.run import free_port
 from ensemble.vote import soft_vote, vote
 
 from .conftest import REPO
-from .helpers import free_port
 
 PLOTS = ("curves.png", "ensemble_size.png", "confusion.png", "errors.png", "disagreement.png")
 

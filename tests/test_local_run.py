@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from ensemble.run import free_port
+
 from .conftest import REPO
-from .helpers import free_port
 
 
 @pytest.fixture
