@@ -328,7 +328,7 @@ def train_one(config: Config, on_epoch: Any) -> tuple[Any, dict[str, Any]]:
     keras.mixed_precision.set_global_policy(config.train.precision)
     data = prepare(config.data)
     spec = plan_members(config.ensemble)[0]
-    model = new_model(config, spec)
+    model = new_model(config, spec, data)
     state = TrainingState()
     best_epoch = fit_member(model, config, spec, data, state, None, on_epoch)
     keras.mixed_precision.set_global_policy("float32")

@@ -20,6 +20,7 @@ import yaml
 
 VOTE_METHODS = ("logits", "probabilities", "majority", "weighted")
 BACKENDS = ("tensorflow", "jax")  # Keras 3 backends a member can train with
+SCHEDULES = ("exponential", "cosine")
 
 
 class ConfigError(ValueError):
@@ -54,10 +55,17 @@ class TrainConfig:
     backend: str = "tensorflow"
     batch_size: int = 64
     learning_rate: float = 1e-4
+    # "exponential": the seed's ExponentialDecay(learning_rate, decay_steps, decay_rate); "cosine": from
+    # learning_rate down to 0 over max_epochs (a fixed budget: set patience >= max_epochs to use all of it).
+    schedule: str = "exponential"
     decay_steps: int = 255
     decay_rate: float = 0.91
     max_epochs: int = 1000
     patience: int = 10
+    label_smoothing: float = 0.0
+    # Exponential moving average of the weights (Keras' optimizer EMA), e.g. 0.999; null: off. With it,
+    # validation, early stopping and the member's final model all use the averaged weights.
+    ema: float | None = None
     # Keras dtype policy: "float32", or "mixed_bfloat16" / "mixed_float16" (fast on recent GPUs); the
     # logits stay float32 either way.
     precision: str = "float32"
@@ -203,6 +211,10 @@ def _validate(config: Config) -> None:
     check(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     check(config.train.backend in BACKENDS, "train.backend", f"must be one of {', '.join(BACKENDS)}")
     check(config.train.batch_size > 0, "train.batch_size", "must be positive")
+    check(config.train.learning_rate > 0, "train.learning_rate", "must be positive")
+    check(config.train.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}")
+    check(0.0 <= config.train.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+    check(config.train.ema is None or 0.0 < config.train.ema < 1.0, "train.ema", "must be null or in (0, 1)")
     check(config.train.max_epochs > 0, "train.max_epochs", "must be positive")
     precisions = ("float32", "mixed_bfloat16", "mixed_float16")
     check(config.train.precision in precisions, "train.precision", f"must be one of {', '.join(precisions)}")

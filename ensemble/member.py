@@ -63,11 +63,15 @@ def member_trainer(
     marker: str,
     data_ref: ray.ObjectRef,
     resources: dict[str, float],
+    name: str | None = None,
+    directory: str = MEMBERS_DIR,
 ) -> Any:
-    """The Ray Train run that fits one member: one worker with `resources`, checkpoints under members/<name>/.
+    """The Ray Train run that fits one member: one worker with `resources`, checkpoints under <directory>/<name>/.
 
     `marker` is the token the driver wrote to the run's STORAGE_MARKER_FILE, which the worker must read back.
+    `name` is the member's by default; a search names each trial's run (ensemble/tune.py).
     """
+    name = name or spec.name
     use_gpu = resources["GPU"] > 0
     loop_config = {
         "config": config,
@@ -76,6 +80,7 @@ def member_trainer(
         "cpus": resources["CPU"],
         "storage": storage,
         "marker": marker,
+        "name": name,
     }
     options = {
         "train_loop_config": loop_config,
@@ -85,8 +90,8 @@ def member_trainer(
             resources_per_worker=resources if use_gpu else {"CPU": resources["CPU"]},
         ),
         "run_config": ray.train.RunConfig(
-            name=spec.name,
-            storage_path=storage.path(MEMBERS_DIR),
+            name=name,
+            storage_path=storage.path(directory),
             storage_filesystem=storage.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -166,11 +171,20 @@ def train_member(loop_config: dict[str, Any]) -> None:
             model = keras.models.load_model(directory / MODEL_FILE)
             with np.load(directory / BEST_WEIGHTS_FILE) as arrays:
                 best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-        ray.train.report({"member": spec.index, "resumed_after": state.epochs})  # the driver says so
+        # The driver says so. Like every report, it says where the member stands (Tune's searches need both).
+        last = state.history[-1]
+        ray.train.report(
+            {
+                "member": spec.index,
+                "resumed_after": state.epochs,
+                "epoch": last["epoch"],
+                "val_accuracy": last["val_accuracy"],
+            }
+        )
         # A fresh seed per resume so that the restarted epochs do not replay the same shuffles.
         seed_everything(spec.seed + state.epochs)
     else:
-        model = new_model(config, spec)
+        model = new_model(config, spec, data)
 
     def save_epoch(model: keras.Model, state: TrainingState, best: list[np.ndarray]) -> None:
         last = state.history[-1]
@@ -184,7 +198,7 @@ def train_member(loop_config: dict[str, Any]) -> None:
         )
 
     # TensorBoard event files are written by local file APIs: local (or shared) disks only.
-    log_dir = storage.path(TENSORBOARD_DIR, spec.name) if storage.is_local else None
+    log_dir = storage.path(TENSORBOARD_DIR, loop_config["name"]) if storage.is_local else None
     best_epoch = fit_member(model, config, spec, data, state, best_weights, save_epoch, log_dir)
     # The model now holds its best epoch's weights (restored by early stopping).
     logits = {"holdout": predict_logits(model, data.holdout_images), "test": predict_logits(model, data.test_images)}
@@ -196,6 +210,7 @@ def train_member(loop_config: dict[str, Any]) -> None:
         "done": True,
         "epochs": state.epochs,
         "best_epoch": best_epoch,
+        "epoch": state.epochs,
         "val_accuracy": state.history[best_epoch - 1]["val_accuracy"],
         "holdout_accuracy": accuracy(logits["holdout"].argmax(axis=1), data.holdout_labels),
         "node_id": ray.get_runtime_context().get_node_id(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 from ensemble.config import ModelConfig, TrainConfig
@@ -42,14 +44,48 @@ def build_model(config: ModelConfig, augmentation: keras.layers.Layer | None = N
     return keras.Model(inputs, outputs, name="digit_cnn")
 
 
-def compile_model(model: keras.Model, config: TrainConfig) -> None:
-    """Adam on the seed's exponential decay schedule, cross-entropy on logits."""
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        config.learning_rate, decay_steps=config.decay_steps, decay_rate=config.decay_rate
-    )
+@keras.saving.register_keras_serializable(package="digit_ensemble")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy on logits against integer labels smoothed towards uniform (Keras' sparse loss has no
+    label_smoothing; its categorical one needs one-hot labels)."""
+
+    def __init__(self, label_smoothing: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), NUM_CLASSES)
+        return keras.losses.categorical_crossentropy(
+            one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config() | {"label_smoothing": self.label_smoothing}
+
+
+def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int | None = None) -> None:
+    """Adam on the configured schedule (the seed's exponential decay by default), cross-entropy on logits.
+
+    The cosine schedule spans max_epochs of `steps_per_epoch` steps, which it then needs.
+    """
+    if config.schedule == "cosine":
+        if not steps_per_epoch:
+            raise ValueError("the cosine schedule needs steps_per_epoch")
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, steps_per_epoch * config.max_epochs
+        )
+    else:
+        learning_rate = keras.optimizers.schedules.ExponentialDecay(
+            config.learning_rate, decay_steps=config.decay_steps, decay_rate=config.decay_rate
+        )
+    if config.label_smoothing:
+        loss = SmoothedSparseCrossentropy(config.label_smoothing)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    ema = {"use_ema": True, "ema_momentum": config.ema} if config.ema else {}
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras.optimizers.Adam(learning_rate, **ema),
+        loss=loss,
         metrics=["accuracy"],
         jit_compile=config.jit_compile,
     )

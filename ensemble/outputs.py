@@ -106,17 +106,34 @@ def submission_csv(labels: np.ndarray) -> str:
     return "\n".join(["ImageId,Label", *rows]) + "\n"
 
 
-def summary_table(members: list[dict[str, Any]], ensemble_holdout: float | None) -> str:
-    """The human summary printed at the end of a run: one row per member, then the ensemble."""
+def summary_table(report: dict[str, Any]) -> str:
+    """The human summary printed at the end of a run: a row per member, the ensemble, and whether it beats
+    its best member beyond noise (holdout accuracies with their 95% Wilson intervals)."""
 
-    def percent(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.2f}%"
+    def percent(value: float | None, interval: list[float] | None = None) -> str:
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.2f}%" + (f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else "")
 
-    lines = [f"{'member':<10}{'strength':>9}{'epochs':>8}{'best':>6}{'val acc':>10}{'holdout acc':>13}"]
+    members, ensemble = report["members"], report["ensemble"]
+    lines = [f"{'member':<10}{'strength':>9}{'epochs':>8}{'best':>6}{'val acc':>10}   holdout acc [95% interval]"]
     for member in members:
         lines.append(
             f"{member['name']:<10}{member['strength']:>9.2f}{member['epochs']:>8}{member['best_epoch']:>6}"
-            f"{percent(member['val_accuracy']):>10}{percent(member['holdout_accuracy']):>13}"
+            f"{percent(member['val_accuracy']):>10}   {percent(member['holdout_accuracy'], member['holdout_interval'])}"
         )
-    lines.append(f"{'ensemble':<10}{'':>9}{'':>8}{'':>6}{'':>10}{percent(ensemble_holdout):>13}")
+    lines.append(f"{'ensemble':<43}   {percent(ensemble['holdout_accuracy'], ensemble['holdout_interval'])}")
+    if "against_best_member" in ensemble:
+        lines.append(verdict(ensemble["against_best_member"], ensemble["holdout_accuracy"]))
     return "\n".join(lines)
+
+
+def verdict(comparison: dict[str, Any], ensemble_accuracy: float) -> str:
+    """One line: the ensemble against its best member, and whether the difference is beyond noise."""
+    gain = 100 * (ensemble_accuracy - comparison["member_holdout_accuracy"])
+    judged = "better beyond noise" if comparison["ensemble_better_beyond_noise"] else "not better beyond noise"
+    return (
+        f"ensemble vs best member ({comparison['member']}): {gain:+.2f} points; right only by the ensemble on "
+        f"{comparison['ensemble_only_right']} holdout images, only by the member on {comparison['member_only_right']}; "
+        f"exact McNemar p = {comparison['p_value']:.3g}: {judged}"
+    )

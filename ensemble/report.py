@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
-from ensemble.outputs import HTML_REPORT_FILE
+from ensemble.outputs import HTML_REPORT_FILE, verdict
 from ensemble.vote import vote, vote_probabilities
 
 if TYPE_CHECKING:
@@ -139,12 +139,17 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _interval(interval: list[float] | None) -> str:
+    return "" if interval is None else f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+
 def _html(report: dict[str, Any], images: dict[str, bytes], notes: list[str]) -> str:
     ensemble = report["ensemble"]
     rows = "".join(
         f"<tr><td>{html.escape(m['name'])}</td><td>{m['seed']}</td><td>{m['split_seed']}</td>"
         f"<td>{m['strength']:.2f}</td><td>{m['epochs']}</td><td>{m['best_epoch']}</td>"
-        f"<td>{_percent(m['val_accuracy'])}</td><td>{_percent(m['holdout_accuracy'])}</td></tr>"
+        f"<td>{_percent(m['val_accuracy'])}</td>"
+        f"<td>{_percent(m['holdout_accuracy'])}{_interval(m['holdout_interval'])}</td></tr>"
         for m in report["members"]
     )
     figures = "".join(
@@ -152,6 +157,8 @@ def _html(report: dict[str, Any], images: dict[str, bytes], notes: list[str]) ->
         f"<figcaption>{name}</figcaption></figure>"
         for name, png in images.items()
     )
+    if "against_best_member" in ensemble:
+        notes = [verdict(ensemble["against_best_member"], ensemble["holdout_accuracy"]), *notes]
     extra = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     tta = (
         f" ({_percent(ensemble['holdout_accuracy_without_tta'])} without test-time augmentation)"
@@ -165,7 +172,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} figure{{display:
 img{{max-width:100%}}</style></head><body>
 <h1>digit-ensemble report</h1>
 <p>Ensemble of {len(report["members"])} members, vote <b>{html.escape(ensemble["vote"])}</b>:
-holdout accuracy <b>{_percent(ensemble["holdout_accuracy"])}</b>{tta} on {ensemble["holdout_size"]} images.</p>
+holdout accuracy <b>{_percent(ensemble["holdout_accuracy"])}</b>{_interval(ensemble["holdout_interval"])}{tta}
+on {ensemble["holdout_size"]} images.</p>
 <ul>{extra}</ul>
 <table><tr><th>member</th><th>seed</th><th>split seed</th><th>aug. strength</th><th>epochs</th>
 <th>best epoch</th><th>val accuracy</th><th>holdout accuracy</th></tr>{rows}</table>

