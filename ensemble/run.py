@@ -158,7 +158,7 @@ class ProgressLines(tune.Callback):
         name = self.name_of(trial)
         if "resumed_after" in result:
             print(f"{name}: resuming after epoch {result['resumed_after']}", flush=True)
-        elif "val_loss" in result and not result.get("done"):
+        elif "loss" in result:  # an epoch's report (the member's final report has no loss)
             print(progress_line(name, result), flush=True)
 
 
@@ -182,6 +182,9 @@ def start_ray(verbose: bool) -> str:
         local["dashboard_port"] = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{local['dashboard_port']}"
     logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.CRITICAL)  # we report failures
+    if not verbose:
+        # Tune's default output engine prints its config box even at verbose=0; the legacy one is silent.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     context = ray.init(
         address=address or "local",
         logging_level=logging.INFO if verbose else logging.ERROR,
@@ -252,9 +255,7 @@ def train_members(
             verbose=1 if verbose else 0,
         ),
     )
-    if not verbose:
-        # Tune's default output engine prints its config box even at verbose=0; the legacy one is silent.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
     finished, failed = [], []
     for result in tuner.fit():
         spec = MemberSpec(**result.config["member"])

@@ -31,6 +31,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import optuna
 import ray
 import yaml
 from ray import tune
@@ -138,7 +139,7 @@ def results_table(results: tune.ResultGrid, space: dict[str, Any]) -> list[dict[
                 **{key: result.config.get(key) for key in space},
                 METRIC: metrics.get(METRIC),
                 "epochs": metrics.get("epoch"),
-                "finished": bool(metrics.get("done")),  # false: ASHA stopped it, or it failed (see error)
+                "finished": "best_epoch" in metrics,  # its member's final report; else ASHA stopped it, or an error
                 "seconds": round(metrics.get("time_total_s", 0.0), 1),
                 "ended_at": metrics.get("timestamp"),
                 "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:200],
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"search: {args.samples} trials of member 0 of {name}, into {storage.location}; space: {', '.join(space)}")
+    if not args.verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         logs = start_ray(args.verbose)
     except ConfigError as error:
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print("resuming the search found in the output dir", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True, storage_filesystem=storage.filesystem)
     else:
-        epochs = [config.train.max_epochs, *space.get("train.max_epochs", {}).get("choice", [])]
+        epochs = max([config.train.max_epochs, *space.get("train.max_epochs", {}).get("choice", [])])
         tuner = tune.Tuner(
             trainable,
             param_space={key: sampled(sampler) for key, sampler in space.items()},
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                     parallel_members(config.resources, resources, cluster, args.samples),
                 ),
                 # First compared after a quarter of the epochs: a decaying schedule's first epochs say little.
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=max(epochs), grace_period=max(1, max(epochs) // 4)),
+                # max_t is one past the last epoch: a trial that gets there ends by itself, final report included.
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=max(1, epochs // 4)),
                 num_samples=args.samples,
                 time_budget_s=args.time_budget,
             ),
