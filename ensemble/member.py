@@ -18,6 +18,7 @@ import dataclasses
 import json
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,13 @@ def _savez(arrays: list[np.ndarray] | dict[str, np.ndarray]) -> Any:
     if isinstance(arrays, dict):
         return lambda path: np.savez(path, **arrays)
     return lambda path: np.savez(path, *arrays)
+
+
+def write_storage_marker(storage: Storage) -> str:
+    """Write a new token for this start of a run to its STORAGE_MARKER_FILE, for the workers to read back."""
+    marker = uuid.uuid4().hex
+    storage.write_text(marker, STORAGE_MARKER_FILE)
+    return marker
 
 
 def check_sees_output(storage: Storage, marker: str, name: str) -> None:

@@ -22,7 +22,6 @@ import os
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,12 @@ from ray import tune
 
 from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
 from ensemble.data import DataError, EnsembleData, prepare
-from ensemble.member import member_trainer
+from ensemble.member import member_trainer, write_storage_marker
 from ensemble.outputs import (
     CONFIG_FILE,
     HTML_REPORT_FILE,
     MEMBERS_DIR,
     REPORT_FILE,
-    STORAGE_MARKER_FILE,
     SUBMISSION_FILE,
     Storage,
     summary_table,
@@ -162,11 +160,11 @@ class ProgressLines(tune.Callback):
             print(progress_line(name, result), flush=True)
 
 
-def start_ray(verbose: bool) -> str:
+def start_ray(verbose: bool) -> None:
     """Join the cluster RAY_ADDRESS names (as `ray job submit` sets it), else start a local Ray of our own.
 
     Never the cluster a `ray start` may have left recorded in Ray's temp dir: a local run is local, even
-    when that cluster is dead. Returns the directory of Ray's logs.
+    when that cluster is dead. Unless verbose, says in one line where Ray's logs are.
     """
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -192,7 +190,9 @@ def start_ray(verbose: bool) -> str:
         log_to_driver=verbose,
         **local,
     )
-    return os.path.join(context.address_info["session_dir"], "logs")
+    if not verbose:
+        logs = os.path.join(context.address_info["session_dir"], "logs")
+        print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
 
 
 def free_port() -> int:
@@ -296,16 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(Path.home())
     data_seconds = time.time() - started
     try:
-        logs = start_ray(args.verbose)
+        start_ray(args.verbose)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not args.verbose:
-        print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
     storage.write_text(json.dumps(config.to_dict(), indent=2), CONFIG_FILE)
-    # Each member's worker checks it sees this run's marker before it trains (ensemble/member.py).
-    marker = uuid.uuid4().hex
-    storage.write_text(marker, STORAGE_MARKER_FILE)
+    marker = write_storage_marker(storage)
     save_holdout(storage, data.holdout_images, data.holdout_labels)
     finished, failed = train_members(config, storage, marker, plan, data, args.verbose)
     required = config.ensemble.min_members or config.ensemble.members

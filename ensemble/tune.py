@@ -41,8 +41,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ensemble.config import Config, ConfigError, load_config
 from ensemble.data import DataError, prepare
-from ensemble.member import member_trainer
-from ensemble.outputs import STORAGE_MARKER_FILE, Storage
+from ensemble.member import member_trainer, write_storage_marker
+from ensemble.outputs import Storage
 from ensemble.plan import plan_members
 from ensemble.run import ProgressLines, member_resources, parallel_members, start_ray
 
@@ -235,14 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        logs = start_ray(args.verbose)
+        start_ray(args.verbose)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not args.verbose:
-        print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
-    marker = storage.read_text(STORAGE_MARKER_FILE) or f"{time.time_ns()}"  # a resumed search keeps its marker
-    storage.write_text(marker, STORAGE_MARKER_FILE)
+    marker = write_storage_marker(storage)
     cluster = ray.cluster_resources()
     resources = member_resources(config.resources, cluster)
     trainable = tune.with_resources(
