@@ -1,8 +1,8 @@
 """One ensemble member as a Ray Train run: its trainer, and the worker loop that checkpoints every epoch.
 
-`member_trainer`, called in the member's Tune trial, builds the run: a TensorflowTrainer for the
-TensorFlow backend, the framework-neutral DataParallelTrainer for JAX, one worker either way, whose
-runtime environment sets KERAS_BACKEND before Keras is imported there. `train_member` runs in
+`member_trainer`, called in the member's Tune trial, builds the run: Ray Train's framework-neutral
+DataParallelTrainer with one worker, whose runtime environment sets KERAS_BACKEND before Keras is
+imported there. `train_member` runs in
 that worker: it fits the member with ensemble/train.py and checkpoints at the end of every epoch
 (model with optimizer state, early-stopping state, history) through `ray.train.report`, so a
 restarted worker, or a rerun of the same command, continues from the last finished epoch; a member
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ensemble.config import Config, TrainConfig
@@ -66,7 +67,7 @@ def member_trainer(
     resources: dict[str, float],
     name: str | None = None,
     directory: str = MEMBERS_DIR,
-) -> Any:
+) -> DataParallelTrainer:
     """The Ray Train run that fits one member: one worker with `resources`, checkpoints under <directory>/<name>/.
 
     `marker` is the token the driver wrote to the run's STORAGE_MARKER_FILE, which the worker must read back.
@@ -83,14 +84,20 @@ def member_trainer(
         "marker": marker,
         "name": name,
     }
-    options = {
-        "train_loop_config": loop_config,
-        "scaling_config": ray.train.ScalingConfig(
+    # Ray Train's framework-neutral trainer for both backends. Not TensorflowTrainer: it only sets TF_CONFIG
+    # for multi-worker strategies, which a one-worker member does not use, and importing it imports
+    # TensorFlow in the trial and in the Train controller too (about 10 s of CPU each, per member).
+    # Not JaxTrainer: it sets up jax.distributed for multi-host SPMD, which a one-worker member does not
+    # use, and on GPUs rewrites CUDA_VISIBLE_DEVICES from the GPU count, which breaks fractional GPUs.
+    return DataParallelTrainer(
+        train_member,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
             num_workers=1,
             use_gpu=use_gpu,
             resources_per_worker=resources if use_gpu else {"CPU": resources["CPU"]},
         ),
-        "run_config": ray.train.RunConfig(
+        run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage.path(directory),
             storage_filesystem=storage.filesystem,
@@ -100,16 +107,7 @@ def member_trainer(
             # Each report reaches the driver's Tune run (its progress lines) once its checkpoint is registered.
             callbacks=[TuneReportCallback()],
         ),
-    }
-    if config.train.backend == "tensorflow":
-        from ray.train.tensorflow import TensorflowTrainer  # imports TensorFlow: only when members use it
-
-        return TensorflowTrainer(train_member, **options)
-    # Not JaxTrainer: it sets up jax.distributed for multi-host SPMD, which a one-worker member does not use,
-    # and on GPUs rewrites CUDA_VISIBLE_DEVICES from the GPU count, which breaks fractional GPUs.
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    return DataParallelTrainer(train_member, **options)
+    )
 
 
 def _report(metrics: dict[str, Any], write: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Train an ensemble and write its submission: `python -m ensemble.run --config configs/quickstart.yaml`.
 
 The driver reads the data once, puts it in Ray's object store, and runs one Ray Tune trial per
-member; each trial fits its member as a Ray Train run (`TensorflowTrainer`, one worker) whose
+member; each trial fits its member as a Ray Train run (one worker) whose
 checkpoints live under `<output_dir>/members/<member>/`. Ray does the scheduling: members that
 do not fit the cluster's free resources wait for a slot. Once all have finished, the driver
 votes with their logits and writes `submission.csv`, `report.json` and `report.html` into the
@@ -241,7 +241,7 @@ def train_members(
     )
     tuner = tune.Tuner(
         # The trial only waits on its Ray Train run: the member's worker holds the CPUs and GPUs,
-        # the trial process just memory (it imports TensorFlow through TensorflowTrainer).
+        # the trial process just memory.
         tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}),
         param_space={"member": tune.grid_search([dataclasses.asdict(spec) for spec in plan])},
         tune_config=tune.TuneConfig(

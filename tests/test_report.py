@@ -14,7 +14,7 @@ import pytest
 from ensemble.config import Config
 from ensemble.outputs import Storage
 from ensemble.report import ensemble_size_curve, render_report
-from ensemble.results import RunResults
+from ensemble.results import RunResults, write_results
 from ensemble.vote import vote
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -43,14 +43,9 @@ def fake_run(tmp_path: Path, sample, holdout: int = 300) -> tuple[RunResults, di
             "holdout_accuracy": float(np.mean(logits.argmax(1) == labels)), "history": history,
             "holdout_logits": logits, "holdout_logits_plain": logits, "test_logits": logits[:10],
         })  # fmt: skip
-    config = Config()
-    run = RunResults(Storage(str(tmp_path)), config.to_dict(), members, [], images, labels, {})
-    scores = vote(np.stack([m["holdout_logits"] for m in members]))
-    ensemble_accuracy = float(np.mean(scores.argmax(1) == labels))
-    report = {
-        "members": members,
-        "ensemble": {"vote": "logits", "holdout_size": holdout, "holdout_accuracy": ensemble_accuracy},
-    }
+    run = RunResults(Storage(str(tmp_path)), Config().to_dict(), members, [], images, labels, {})
+    # The report as a run writes it (intervals and the paired test included), through the real code path.
+    report = write_results(run, "logits")
     return run, report
 
 
@@ -66,6 +61,9 @@ def test_every_plot_is_written_and_embedded(tmp_path: Path, sample) -> None:
     page = (tmp_path / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 5
     assert "member-02" in page and "Members disagree on" in page
+    # Every accuracy with its 95% interval, and the verdict of the paired test against the best member.
+    assert len(re.findall(r"\d+\.\d\d%(?:</b>)? \[\d+\.\d\d, \d+\.\d\d\]", page)) == 4
+    assert "exact McNemar p = " in page
 
 
 def test_ensemble_size_curve_ends_at_the_full_ensemble(sample) -> None:
