@@ -12,8 +12,8 @@ each in a process of its own with KERAS_BACKEND set:
   pass) through the code ensemble.run trains members with, float32 against mixed bfloat16, and the
   TFLOP/s each achieves (training FLOPs counted from the model's layers) against the GPU's peak;
 - with --member CONFIG, member 0 of CONFIG trained to early stopping, as ensemble.run trains it.
---quick (CI) is a smoke test on a slice of the data at 1/8 width, K up to 2: it runs on a CPU, and its
-numbers are not measurements.
+--quick (CI) is a smoke test on a slice of the data at 1/8 width, K up to 2, a member of at most 4
+epochs: it runs on a CPU, and its numbers are not measurements.
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def recipe_rows(data_dir: Path, quick: bool, device: str, gpu: str | None) -> li
 
 def member_row(config_path: str, data_dir: Path, quick: bool, device: str) -> Row:
     """Member 0 of the config trained to early stopping; its epoch lines go to stderr as it trains."""
-    config = recipe_config(Path(config_path), data_dir, quick)
+    config = recipe_config(Path(config_path), data_dir, quick, ["train.max_epochs=4"] if quick else [])
     name = Path(config_path).name
 
     def progress(model: Any, state: Any, best: Any) -> None:

@@ -9,7 +9,11 @@ reader sees the old file or the whole new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +141,21 @@ def verdict(comparison: dict[str, Any], ensemble_accuracy: float) -> str:
         f"{comparison['ensemble_only_right']} holdout images, only by the member on {comparison['member_only_right']}; "
         f"exact McNemar p = {comparison['p_value']:.3g}: {judged}"
     )
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(silenced: bool) -> Iterator[None]:
+    """Discard what native code writes to file descriptor 2: TensorFlow's C++ start-up lines (absl, CUDA
+    probes) bypass TF_CPP_MIN_LOG_LEVEL and Python's sys.stderr alike. Python's own errors still show."""
+    if not silenced:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

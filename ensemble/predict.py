@@ -18,7 +18,7 @@ import numpy as np
 
 from ensemble.config import ConfigError
 from ensemble.data import IMAGE_SIDE, DataError, read_kaggle_csv
-from ensemble.outputs import MODEL_FILE, Storage
+from ensemble.outputs import MODEL_FILE, Storage, native_stderr_silenced
 from ensemble.results import member_checkpoint, read_report
 from ensemble.vote import vote, vote_probabilities
 
@@ -50,9 +50,10 @@ def read_input(path: Path) -> tuple[np.ndarray, list[str] | None]:
 
 def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndarray:
     """(members, images, classes): every member's logits, with the run's test-time augmentation."""
-    import keras
+    with native_stderr_silenced(True):
+        import keras
 
-    from ensemble.train import predict_logits
+        from ensemble.train import predict_logits
 
     views = report["config"]["ensemble"]["tta"]
     logits = []

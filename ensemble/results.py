@@ -137,9 +137,19 @@ def write_results(run: RunResults, method: str) -> dict[str, Any]:
         ),
         **({} if ensemble_accuracy is not None else {"note": "no holdout: data.holdout_fraction is 0"}),
     }
+    # Each member scored on the logits it votes with (test-time augmented when the run uses it), as the
+    # ensemble is, so that the table and the paired test compare like with like.
     members = [
         {k: v for k, v in member.items() if k not in ARRAY_KEYS}
-        | {"holdout_interval": accuracy_interval(member["holdout_logits_plain"].argmax(axis=1), labels)}
+        | {
+            "holdout_accuracy": accuracy(member["holdout_logits"].argmax(axis=1), labels),
+            "holdout_interval": accuracy_interval(member["holdout_logits"].argmax(axis=1), labels),
+            **(
+                {"holdout_accuracy_without_tta": accuracy(member["holdout_logits_plain"].argmax(axis=1), labels)}
+                if tta_views > 1
+                else {}
+            ),
+        }
         for member in run.members
     ]
     report = {

@@ -40,6 +40,7 @@ from ensemble.outputs import (
     REPORT_FILE,
     SUBMISSION_FILE,
     Storage,
+    native_stderr_silenced,
     summary_table,
 )
 from ensemble.plan import MemberSpec, plan_members
@@ -86,7 +87,9 @@ def parallel_members(
     return max(1, min([members, *fits]))
 
 
-def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData, count_parameters: bool) -> None:
+def print_plan(
+    config: Config, plan: list[MemberSpec], data: EnsembleData, count_parameters: bool, verbose: bool
+) -> None:
     """The resolved plan; count_parameters builds the model in this process (with Keras' backend imported)."""
     print(f"output dir: {config.output_dir}")
     print(
@@ -101,9 +104,10 @@ def print_plan(config: Config, plan: list[MemberSpec], data: EnsembleData, count
     )
     model = f"model: width {config.model.width}, Keras backend {config.train.backend}"
     if count_parameters:
-        from ensemble.model import build_model
+        with native_stderr_silenced(not verbose):
+            from ensemble.model import build_model
 
-        model += f", {build_model(config.model).count_params():,} parameters"
+            model += f", {build_model(config.model).count_params():,} parameters"
     print(model)
     print(f"{'member':<10}{'seed':>12}{'split seed':>12}{'strength':>10}")
     for spec in plan:
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     plan = plan_members(config.ensemble)
-    print_plan(config, plan, data, count_parameters=args.dry_run)
+    print_plan(config, plan, data, count_parameters=args.dry_run, verbose=args.verbose)
     if args.dry_run:
         return 0
 

@@ -128,7 +128,7 @@ def trial_name(trial: Any) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def results_table(results: tune.ResultGrid, space: dict[str, Any]) -> list[dict[str, Any]]:
+def results_table(results: tune.ResultGrid, space: dict[str, Any], max_epochs: int) -> list[dict[str, Any]]:
     """One row per trial, best first: its settings, its member's validation accuracy, epochs, what stopped it."""
     rows = []
     for result in results:
@@ -139,7 +139,10 @@ def results_table(results: tune.ResultGrid, space: dict[str, Any]) -> list[dict[
                 **{key: result.config.get(key) for key in space},
                 METRIC: metrics.get(METRIC),
                 "epochs": metrics.get("epoch"),
-                "finished": "best_epoch" in metrics,  # its member's final report; else ASHA stopped it, or an error
+                # Trained as far as its member would go: early stopping's final report, or every epoch (ASHA's
+                # last rung may stop a trial right after its last epoch). Else ASHA stopped it, or an error.
+                "finished": "best_epoch" in metrics
+                or metrics.get("epoch") == result.config.get("train.max_epochs", max_epochs),
                 "seconds": round(metrics.get("time_total_s", 0.0), 1),
                 "ended_at": metrics.get("timestamp"),
                 "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:200],
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                     parallel_members(config.resources, resources, cluster, args.samples),
                 ),
                 # First compared after a quarter of the epochs: a decaying schedule's first epochs say little.
-                # max_t is one past the last epoch: a trial that gets there ends by itself, final report included.
+                # max_t is one past the last epoch, so that ASHA does not stop a trial for reaching it.
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=max(1, epochs // 4)),
                 num_samples=args.samples,
                 time_budget_s=args.time_budget,
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     results = tuner.fit()
-    rows = results_table(results, space)
+    rows = results_table(results, space, config.train.max_epochs)
     if not rows or rows[0][METRIC] is None:
         print("error: no trial reported a validation accuracy; see Ray's logs", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,18 @@ def test_dry_run_prints_the_plan_and_the_reference_parameter_count(kaggle_dir: P
     assert [float(row[3]) for row in rows] == [0.5, 0.75, 1.0, 1.25, 1.5]
     assert len({row[1] for row in rows}) == 5 and len({row[2] for row in rows}) == 5
     assert not output.exists()
+
+
+def test_dry_run_from_the_shell_prints_the_plan_and_nothing_else(tmp_path: Path) -> None:
+    """Building the model imports TensorFlow, whose C++ start-up lines (absl, CUDA probes) must not show."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "ensemble.run", "--config", "configs/quickstart.yaml", "--dry-run"]
+    command += ["--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    # output dir, data, resources, model (with its parameter count), then a header and a line per member.
+    assert len(lines) == 4 + 1 + 3 and lines[3].endswith(", 172,586 parameters"), result.stdout
 
 
 @pytest.mark.parametrize(
