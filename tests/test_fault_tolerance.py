@@ -26,62 +26,49 @@ def checkpoint_files(member_dir: Path) -> dict[str, bytes]:
     }
 
 
-def test_killed_worker_with_gpu_settings_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    """The settings meant for GPUs, mixed bfloat16 and XLA, where they also run: on the CPU."""
+def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_path: Path) -> None:
+    """Every way a member can die, in two runs of three members, one at a time, with the settings meant
+    for GPUs (mixed bfloat16 and XLA) where they also run: on the CPU."""
     output = tmp_path / "run"
-    run = EnsembleProcess(
-        *SMALL, "--output-dir", str(output), "--set", "ensemble.members=1", "--set", "train.max_epochs=2",
-        "--set", "train.precision=mixed_bfloat16", "--set", "train.jit_compile=true",
-    )  # fmt: skip
-    run.wait_for(r"^member-00 epoch 1:")  # printed once epoch 1's checkpoint is registered
-    os.kill(run.train_worker_pid(), signal.SIGKILL)
-    _, resumed = run.wait_for(r"^member-00: resuming after epoch (\d+)")  # Ray Train restarted the worker
-    assert run.finish() == 0, run.output[-3000:]
-    assert resumed[1] == "1" and run.output.count("member-00 epoch 1:") == 1  # not started over
+    args = [*SMALL, "--output-dir", str(output), "--set", "ensemble.members=3", "--set", "train.max_epochs=3"]
+    args += ["--set", "resources.max_parallel_members=1", "--set", "train.precision=mixed_bfloat16"]
+    args += ["--set", "train.jit_compile=true"]
 
+    # 1. member-01's worker dies after its epoch 1 (whose line is printed once its checkpoint is
+    # registered): Ray Train restarts it from that checkpoint. Then the whole run dies (driver, local
+    # Ray, workers) after member-01's epoch 2.
+    first = EnsembleProcess(*args, "--set", "resources.max_failures=1")
+    first.wait_for(r"^member-01 epoch 1:")
+    os.kill(first.train_worker_pid(), signal.SIGKILL)
+    first.wait_for(r"^member-01: resuming after epoch 1$")
+    first.wait_for(r"^member-01 epoch 2:")
+    first.kill_everything()
+    assert first.output.count("member-01 epoch 1:") == 1  # resumed, not started over
+    assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
+    finished = checkpoint_files(output / "members" / "member-00")
+    assert finished
+
+    # 2. The rerun does not train member-00 again, resumes member-01 after its epoch 2 and finishes it;
+    # member-02's worker dies with no retries left, and two finished members are allowed to vote.
+    # (Fewer finished members than required: tests/test_cluster_job.py, a member that fails at once.)
+    second = EnsembleProcess(*args, "--set", "resources.max_failures=0", "--set", "ensemble.min_members=2")
+    second.wait_for(r"^member-01: resuming after epoch 2$")
+    second.wait_for(r"^member-02 epoch 1:")
+    os.kill(second.train_worker_pid(), signal.SIGKILL)
+    assert second.finish() == 0, second.output[-3000:]
+    assert "member-00 epoch" not in second.output and "member-01 epoch 2:" not in second.output
+    assert checkpoint_files(output / "members" / "member-00") == finished  # untouched by the rerun
     report = json.loads((output / "report.json").read_text())
-    member = report["members"][0]
-    assert member["epochs"] == 2 and report["failed_members"] == []
-    # The final model is the one restored from the checkpoint and trained on: its settings survived.
+    assert report["ensemble"]["members"] == ["member-00", "member-01"]
+    assert [failure["name"] for failure in report["failed_members"]] == ["member-02"]
+    assert len((output / "submission.csv").read_text().splitlines()) == 1001
+
+    # member-01's final model is the one restored from checkpoints twice and trained on: its settings survived.
+    member = report["members"][1]
+    assert member["epochs"] == 3
     model = keras.models.load_model(output / member["checkpoint"] / "model.keras")
     assert model.get_layer("conv1").dtype_policy.name == "mixed_bfloat16" and model.jit_compile is True
     assert model.get_layer("logits").dtype_policy.name == "float32"
     with np.load(output / member["checkpoint"] / "logits.npz") as logits:
         assert logits["holdout"].dtype == logits["test"].dtype == np.float32
         assert (logits["holdout"].argmax(1) == np.load(output / "holdout.npz")["labels"]).mean() > 0.5
-
-
-def test_failures_and_crashes_keep_finished_members_and_reruns_resume_the_rest(tmp_path: Path) -> None:
-    output = tmp_path / "run"
-    # One member at a time, so member-00 has finished when member-01 is hit; no restarts of a killed worker.
-    args = [*SMALL, "--output-dir", str(output), "--set", "ensemble.members=2", "--set", "train.max_epochs=4"]
-    args += ["--set", "resources.max_parallel_members=1", "--set", "resources.max_failures=0"]
-
-    # 1. member-01's worker dies with no retries left: the run keeps member-00 and refuses to vote without it.
-    first = EnsembleProcess(*args)
-    first.wait_for(r"^member-01 epoch 1:")  # its checkpoint is registered: a rerun resumes from it
-    os.kill(first.train_worker_pid(), signal.SIGKILL)
-    assert first.finish() == 1
-    assert "error: 1 of 2 members finished, 2 needed to vote" in first.output
-    assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
-    finished = checkpoint_files(output / "members" / "member-00")
-    assert finished
-
-    # 2. A rerun resumes member-01 after its epoch 1, then the whole run dies (driver, local Ray, workers).
-    second = EnsembleProcess(*args)
-    second.wait_for(r"^member-01: resuming after epoch 1$")
-    second.wait_for(r"^member-01 epoch 2:")
-    second.kill_everything()
-    assert "member-00 epoch" not in second.output  # the finished member was not trained again
-
-    # 3. Allowed to vote with one member, the next rerun resumes member-01 after epoch 2 and, when its
-    # worker dies again, votes with member-00 alone.
-    third = EnsembleProcess(*args, "--set", "ensemble.min_members=1")
-    third.wait_for(r"^member-01: resuming after epoch 2$")
-    os.kill(third.train_worker_pid(), signal.SIGKILL)
-    assert third.finish() == 0, third.output[-3000:]
-    assert checkpoint_files(output / "members" / "member-00") == finished  # untouched through all three runs
-    report = json.loads((output / "report.json").read_text())
-    assert report["ensemble"]["members"] == ["member-00"]
-    assert [failure["name"] for failure in report["failed_members"]] == ["member-01"]
-    assert len((output / "submission.csv").read_text().splitlines()) == 1001
