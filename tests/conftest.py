@@ -17,6 +17,17 @@ os.environ["DIGIT_ENSEMBLE_CACHE"] = tempfile.mkdtemp(prefix="digit-ensemble-cac
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "digit-recognizer"
+# The longest test files, longest first (minutes each on 2 cores). pytest-xdist hands out files in
+# collection order, so these start first and the short ones fill in around them.
+LONGEST_FIRST = ["test_fault_tolerance.py", "test_end_to_end.py", "test_bench.py", "test_cluster_job.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import ensemble.augment  # noqa: F401  (registers RandomAffine, the first layer 
 from .helpers import EnsembleProcess
 
 # The quickstart on a slice of its digits: each epoch a few seconds, members that learn well above chance.
-SMALL = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=1500", "--set", "train.patience=10"]
+SMALL = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=1000", "--set", "train.patience=10"]
 
 
 def checkpoint_files(member_dir: Path) -> dict[str, bytes]:
