@@ -139,8 +139,9 @@ def test_job_submit_as_the_readme_shows_it(cluster: Cluster) -> None:
     assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
 
     env = cluster.env | {"RAY_AUTH_MODE": "token"}  # the token itself comes from ~/.ray/auth_token
-    # A head that has just started may not have its job agent up yet; Ray then asks to try again later.
-    deadline = time.monotonic() + 120
+    # A head that has just started may not have its job agent up yet (minutes, on 2 loaded cores); Ray then
+    # asks to try again later.
+    deadline = time.monotonic() + 360
     while True:
         submitted = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in submitted.stdout + submitted.stderr or time.monotonic() > deadline:
