@@ -171,6 +171,14 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+def command_line_overrides(settings: Sequence[str], data_dir: str | None) -> list[str | dict[str, Any]]:
+    """The overrides of the command lines' `--set KEY=VALUE` options, then of `--data-dir DIR` (Kaggle's CSVs)."""
+    overrides: list[str | dict[str, Any]] = list(settings)
+    if data_dir:
+        overrides.append({"data": {"source": "kaggle", "dir": data_dir}})
+    return overrides
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str | dict[str, Any]] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then each override (`key.sub=value` or a mapping), validated."""
     config = Config()

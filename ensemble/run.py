@@ -30,7 +30,7 @@ import ray
 import ray.train
 from ray import tune
 
-from ensemble.config import Config, ConfigError, ResourcesConfig, load_config
+from ensemble.config import Config, ConfigError, ResourcesConfig, command_line_overrides, load_config
 from ensemble.data import DataError, EnsembleData, prepare
 from ensemble.member import member_trainer, write_storage_marker
 from ensemble.outputs import (
@@ -275,9 +275,7 @@ def train_members(
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
-    overrides: list[str | dict] = list(args.set)
-    if args.data_dir:
-        overrides.append({"data": {"source": "kaggle", "dir": args.data_dir}})
+    overrides = command_line_overrides(args.set, args.data_dir)
     if args.output_dir:
         overrides.append({"output_dir": args.output_dir})
     try:

@@ -39,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from ensemble.config import Config, ConfigError, load_config
+from ensemble.config import Config, ConfigError, command_line_overrides, load_config
 from ensemble.data import DataError, prepare
 from ensemble.member import member_trainer, write_storage_marker
 from ensemble.outputs import Storage
@@ -220,9 +220,7 @@ def best_config_yaml(config_path: str | None, best: Config, row: dict[str, Any],
 def main(argv: list[str] | None = None) -> int:
     started = time.time()
     args = parse_args(argv)
-    overrides: list[str | dict] = list(args.set)
-    if args.data_dir:
-        overrides.append({"data": {"source": "kaggle", "dir": args.data_dir}})
+    overrides = command_line_overrides(args.set, args.data_dir)
     name = Path(args.config).stem if args.config else "default"
     overrides.append({"output_dir": args.output_dir or f"runs/tune-{name}"})
     try:
