@@ -17,8 +17,7 @@ os.environ["DIGIT_ENSEMBLE_CACHE"] = tempfile.mkdtemp(prefix="digit-ensemble-cac
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "digit-recognizer"
-# The longest test files, longest first (minutes each on 2 cores; the cluster tests' own cluster starts
-# slowly next to them, so it comes later). pytest-xdist hands out files in
+# The longest test files, longest first (minutes each on 2 cores). pytest-xdist hands out files in
 # collection order, so these start first and the short ones fill in around them.
 LONGEST_FIRST = ["test_fault_tolerance.py", "test_end_to_end.py", "test_bench.py"]
 

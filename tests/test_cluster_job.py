@@ -105,6 +105,11 @@ def cluster(sample):
     head_command += ["--include-dashboard", "true", "--num-cpus", "1", "--num-gpus", "0", *NODE_OPTIONS]
     b_command = [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "1"]
     b_command += NODE_OPTIONS
+    # Each node's dashboard agent, which runs the jobs `ray job submit` sends, listens on a fixed port by
+    # default (52365): with any other Ray on this machine (a test next to this one), the head's would find
+    # it taken, and every submission would get "No available agent to submit job".
+    head_command += ["--dashboard-agent-listen-port", str(free_port())]
+    b_command += ["--dashboard-agent-listen-port", str(free_port())]
     isolated = namespaces_work()
     if isolated:
         hide = f'mount -t tmpfs tmpfs {base / "hidden"} && exec "$0" "$@"'
@@ -139,9 +144,8 @@ def test_job_submit_as_the_readme_shows_it(cluster: Cluster) -> None:
     assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
 
     env = cluster.env | {"RAY_AUTH_MODE": "token"}  # the token itself comes from ~/.ray/auth_token
-    # A head that has just started may not have its job agent up yet (minutes, on 2 loaded cores); Ray then
-    # asks to try again later.
-    deadline = time.monotonic() + 360
+    # A head that has just started may not have its job agent registered yet; Ray then asks to try again later.
+    deadline = time.monotonic() + 120
     while True:
         submitted = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in submitted.stdout + submitted.stderr or time.monotonic() > deadline:
