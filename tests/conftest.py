@@ -18,8 +18,16 @@ os.environ["DIGIT_ENSEMBLE_CACHE"] = tempfile.mkdtemp(prefix="digit-ensemble-cac
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "digit-recognizer"
 # The longest test files, longest first (minutes each on 2 cores). pytest-xdist hands out files in
-# collection order, so these start first and the short ones fill in around them.
-LONGEST_FIRST = ["test_fault_tolerance.py", "test_end_to_end.py", "test_bench.py"]
+# collection order (pyproject.toml: --no-loadscope-reorder), so these start first and the short ones
+# fill in around them instead of one long file running alone at the end.
+LONGEST_FIRST = [
+    "test_end_to_end.py",
+    "test_fault_tolerance.py",
+    "test_cluster_job.py",
+    "test_bench.py",
+    "test_tune.py",
+    "test_backends.py",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
