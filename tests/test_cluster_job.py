@@ -120,11 +120,11 @@ def cluster(sample):
         deadline = time.monotonic() + 120
         while alive_nodes(node_env, f"127.0.0.1:{port}") < 1:
             assert time.monotonic() < deadline, (base / "head.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(3)  # each `ray status` is a Python process: seconds of CPU
         nodes.append(start_node(b_command, node_env, base / "node-b.log"))
         while alive_nodes(node_env, f"127.0.0.1:{port}") < 2:
             assert time.monotonic() < deadline, (base / "node-b.log").read_text()[-3000:]
-            time.sleep(1)
+            time.sleep(3)
         yield Cluster(base, env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", data, isolated)
     finally:
         for node in reversed(nodes):
