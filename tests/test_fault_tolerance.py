@@ -71,5 +71,5 @@ def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_pat
     assert model.get_layer("logits").dtype_policy.name == "float32"
     with np.load(output / member["checkpoint"] / "logits.npz") as logits:
         assert logits["holdout"].dtype == logits["test"].dtype == np.float32
-        # Three epochs on 800 digits: well above chance (0.1), though not yet good (0.5 to 0.8 seen).
+        # Three epochs on 700 training digits: well above chance (0.1), not yet good (0.5 to 0.8 seen).
         assert (logits["holdout"].argmax(1) == np.load(output / "holdout.npz")["labels"]).mean() > 0.3
