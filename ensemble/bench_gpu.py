@@ -45,7 +45,7 @@ from ensemble.bench import (
     timed,
     write_json,
 )
-from ensemble.config import AugmentConfig, Config, ModelConfig, load_config
+from ensemble.config import AugmentConfig, Config, ModelConfig, command_line_overrides, load_config
 from ensemble.data import read_kaggle_csv_cached
 
 BACKENDS = ("jax", "tensorflow")
@@ -311,7 +311,7 @@ def sharing_rows(images: np.ndarray, labels: np.ndarray, settings: Settings, dev
 
 
 def recipe_config(path: Path, data_dir: Path, quick: bool, overrides: list[str] = ()) -> Config:
-    extra = [{"data": {"source": "kaggle", "dir": str(data_dir)}}, *overrides]
+    extra = command_line_overrides(overrides, str(data_dir))
     if quick:
         extra += ["model.width=0.125", "data.max_train_rows=1000", "data.max_test_rows=50"]
     return load_config(path, extra)

@@ -31,7 +31,7 @@ from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV
 # Private, but it is what `ray up` runs first; it only reads Ray's bundled defaults.yaml files.
 from ray.autoscaler._private.util import prepare_config, validate_config, with_head_node_ip
 
-from ensemble.config import Config, load_config
+from ensemble.config import Config, command_line_overrides, load_config
 from ensemble.run import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,9 @@ def entrypoint_config(command: str) -> tuple[Any, Config]:
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "ensemble.run"]
     args = parse_args(argv[3:])
-    overrides = [*args.set, {"data": {"source": "kaggle", "dir": args.data_dir}}, {"output_dir": args.output_dir}]
+    overrides = command_line_overrides(args.set, args.data_dir)
+    if args.output_dir:
+        overrides.append({"output_dir": args.output_dir})
     return args, load_config(REPO / args.config, overrides)
 
 
