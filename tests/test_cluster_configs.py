@@ -2,9 +2,10 @@
 secured the way their READMEs say.
 
 Offline: the launcher configs go through the checks `ray up` makes before it contacts a cloud (Ray's JSON
-schema, after merging the provider's defaults), their shell commands through bash, and the entrypoints
-through this project's own CLI parser and config loader. Names that Ray itself decides (the token's env var
-and file, the security group and service account that `ray up` creates) are read from Ray's code.
+schema and the rest of its validation, after merging the provider's defaults), their shell commands through
+bash, and the entrypoints through this project's own CLI parser and config loader. The token's env var and file
+are the ones Ray's token-authentication docs name; the security group and service account that `ray up`
+creates are read from Ray's code.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
-from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _get_default_token_path
 
-# Private, but it is what `ray up` runs first; it only reads Ray's bundled defaults.yaml files.
-from ray.autoscaler._private.util import prepare_config, validate_config, with_head_node_ip
+# DeveloperAPI: merges Ray's bundled defaults.yaml for the provider, offline. (sdk.bootstrap_config would go on
+# to import the provider's cloud SDK, query it for instance types and create IAM roles and security groups.)
+from ray.autoscaler.sdk import fillout_defaults
 
 from ensemble.config import Config, command_line_overrides, load_config
 from ensemble.run import parse_args
@@ -41,8 +42,11 @@ LAUNCHER_CONFIGS = {"aws-gpu.yaml": "aws", "gcp-gpu.yaml": "gcp"}
 LAUNCHER_SHARED_DIR = "/mnt/shared"
 RAY_MINOR = ".".join(ray.__version__.split(".")[:2])
 RAY_DIR = Path(ray.__file__).parent
-# Where Ray looks for the token when RAY_AUTH_TOKEN(_PATH) is unset, as a path under the home directory.
-TOKEN_FILE = "~/" + _get_default_token_path().relative_to(Path.home()).as_posix()
+# Token mode's env var, and where Ray looks for the token when RAY_AUTH_TOKEN(_PATH) is unset, as documented in
+# https://docs.ray.io/en/latest/ray-security/token-auth.html ("How Ray token authentication works", "What token
+# does Ray use?").
+AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"
+TOKEN_FILE = "~/.ray/auth_token"
 # Ray's token authentication came in Ray 2.52, KubeRay's authOptions for RayJob in KubeRay 1.5.1.
 KUBERAY_MIN_FOR_AUTH = (1, 5, 1)
 RAY_MIN_FOR_AUTH = (2, 52, 0)
@@ -116,6 +120,38 @@ def all_strings(node: Any) -> Iterator[str]:
 
 def ray_schema() -> dict[str, Any]:
     return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def prepare_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config `ray up` works from, before it contacts the cloud: what Ray's (private) prepare_config does for
+    a cloud provider. Ray's defaults merged in, then the shared setup commands prepended to the head's and the
+    workers', the Docker images checked, and each node type's worker bounds filled in."""
+    prepared = fillout_defaults(config)
+    for node in ("head", "worker"):
+        prepared[f"{node}_setup_commands"] = prepared["setup_commands"] + prepared[f"{node}_setup_commands"]
+    if "docker" in prepared:
+        docker = prepared["docker"]
+        image = docker.get("image")
+        images = image or (docker.get("head_image", image) and docker.get("worker_image", image))
+        assert bool(docker.get("container_name")) == bool(images), "Must provide a container & image name"
+    for name, node_type in prepared["available_node_types"].items():
+        node_type.setdefault("min_workers", 0)
+        node_type.setdefault("max_workers", 0 if name == prepared["head_node_type"] else prepared["max_workers"])
+    return prepared
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """The checks of Ray's (private) validate_config, which `ray up` runs on the prepared config."""
+    jsonschema.validate(config, ray_schema())
+    assert "cluster_synced_files" in config, "defaults from an older Ray than the installed one"
+    node_types = config["available_node_types"]
+    assert config["head_node_type"] in node_types
+    assert sum(node_type.get("min_workers", 0) for node_type in node_types.values()) <= config["max_workers"]
+
+
+def with_head_node_ip(commands: list[str], head_ip: str) -> list[str]:
+    """The commands as the autoscaler runs them on a node (Ray's private util.with_head_node_ip)."""
+    return [f"export RAY_HEAD_IP={head_ip}; {command}" for command in commands]
 
 
 def image_ray_minor(image: str) -> str:
