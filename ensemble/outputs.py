@@ -31,8 +31,10 @@ HTML_REPORT_FILE = "report.html"
 # before training, so a worker that does not see the run's output location stops at once.
 STORAGE_MARKER_FILE = ".storage-marker"
 TENSORBOARD_DIR = "tensorboard"  # one log directory per member: tensorboard --logdir <output_dir>/tensorboard
-MEMBERS_DIR = "members"  # one Ray Train run per member: members/<member>/checkpoint_*/
-# Inside each member checkpoint.
+MEMBERS_DIR = "members"  # one Ray Train run per group of members: members/<group>/checkpoint_*/<member>/
+GROUPS_FILE = "groups.json"  # which members train together: fixed when a run first starts, kept by reruns
+# Inside each group checkpoint: whether the group is done, then a folder per member with its files.
+GROUP_FILE = "group.json"
 MODEL_FILE, STATE_FILE, BEST_WEIGHTS_FILE, LOGITS_FILE = "model.keras", "state.json", "best_weights.npz", "logits.npz"
 
 
@@ -129,7 +131,18 @@ def summary_table(report: dict[str, Any]) -> str:
     lines.append(f"{'ensemble':<43}   {percent(ensemble['holdout_accuracy'], ensemble['holdout_interval'])}")
     if "against_best_member" in ensemble:
         lines.append(verdict(ensemble["against_best_member"], ensemble["holdout_accuracy"]))
+    lines += [round_line(entry) for entry in report.get("rounds", [])]
     return "\n".join(lines)
+
+
+def round_line(entry: dict[str, Any]) -> str:
+    """One pseudo-labelling round: how many test images joined, and its ensemble's holdout accuracy."""
+    added = f", with {entry['pseudo_labelled']} pseudo-labelled test images" if entry["round"] else ""
+    accuracy = entry["holdout_accuracy"]
+    score = "no holdout" if accuracy is None else f"holdout {100 * accuracy:.2f}%"
+    interval = entry["holdout_interval"]
+    score += f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else ""
+    return f"round {entry['round']} ({len(entry['members'])} members{added}): {score}"
 
 
 def verdict(comparison: dict[str, Any], ensemble_accuracy: float) -> str:

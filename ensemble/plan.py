@@ -15,10 +15,11 @@ class MemberSpec:
     seed: int  # weights, shuffling and augmentation draws
     split_seed: int  # its train/validation split of the pool
     strength: float  # scale on every augmentation range
+    round: int = 0  # ensemble.pseudo_label: 0, then each round trains the members again on more images
 
     @property
     def name(self) -> str:
-        return f"member-{self.index:02d}"
+        return f"member-{self.index:02d}" + (f"-round-{self.round}" if self.round else "")
 
 
 def plan_members(config: EnsembleConfig) -> list[MemberSpec]:

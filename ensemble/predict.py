@@ -55,13 +55,11 @@ def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndar
 
         from ensemble.train import predict_logits
 
-    views = report["config"]["ensemble"]["tta"]
-    logits = []
+    models = []
     for member in report["members"]:
         with member_checkpoint(storage, member["checkpoint"]).as_directory() as directory:
-            model = keras.models.load_model(Path(directory) / MODEL_FILE)
-        logits.append(predict_logits(model, images, views))
-    return np.stack(logits)
+            models.append(keras.models.load_model(Path(directory) / MODEL_FILE))
+    return predict_logits(models, images, report["config"]["ensemble"]["tta"])
 
 
 def predictions_csv(scores: np.ndarray, method: str, files: list[str] | None, probabilities: bool) -> str:

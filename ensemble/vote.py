@@ -54,12 +54,6 @@ def vote_probabilities(scores: np.ndarray, method: str) -> np.ndarray:
     return scores / scores.sum(axis=1, keepdims=True)
 
 
-def soft_vote(member_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean logits, predicted labels): the default vote."""
-    scores = vote(member_logits, "logits")
-    return scores, scores.argmax(axis=1)
-
-
 def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float | None:
     """Fraction correct, or None when there is nothing to score (an empty holdout)."""
     return float(np.mean(predicted == labels)) if len(labels) else None

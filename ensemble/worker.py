@@ -1,12 +1,16 @@
-"""One ensemble member as a Ray Train run: its trainer, and the worker loop that checkpoints every epoch.
+"""A group of members as one Ray Train run: its trainer, and the worker loop that checkpoints the members.
 
-`member_trainer`, called in the member's Tune trial, builds the run: Ray Train's framework-neutral
+`group_trainer`, called in the group's Tune trial, builds the run: Ray Train's framework-neutral
 DataParallelTrainer with one worker, whose runtime environment sets KERAS_BACKEND before Keras is
-imported there. `train_member` runs in
-that worker: it fits the member with ensemble/train.py and checkpoints at the end of every epoch
-(model with optimizer state, early-stopping state, history) through `ray.train.report`, so a
-restarted worker, or a rerun of the same command, continues from the last finished epoch; a member
-whose final checkpoint is marked done is not trained again.
+imported there. `train_group` runs in that worker: it restores each member from the run's latest
+checkpoint (or starts it fresh), trains the members together (ensemble/train.py), and reports
+checkpoints through `ray.train.report`. A checkpoint holds one folder per member (its model with the
+optimizer state, its training state, its best weights), so every member resumes where it stood; the
+final one adds each member's logits and marks the group done, and a done group is not trained again.
+
+Checkpoints are written after an epoch, as often as they can be while taking at most a tenth of the
+time (a large group on a fast GPU would otherwise spend longer writing than training); each epoch's
+line is printed on the driver from the report of the checkpoint that holds it.
 
 This module imports neither Keras nor TensorFlow at the top: the Tune trial that builds the trainer
 never trains, and Keras must first be imported in the worker, under the worker's KERAS_BACKEND.
@@ -25,6 +29,8 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+
+# The documented Ray Train V2 trainer (docs.ray.io: ray.train.v2.api.data_parallel_trainer.DataParallelTrainer).
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -32,6 +38,7 @@ from ensemble.config import Config, TrainConfig
 from ensemble.data import EnsembleData
 from ensemble.outputs import (
     BEST_WEIGHTS_FILE,
+    GROUP_FILE,
     LOGITS_FILE,
     MEMBERS_DIR,
     MODEL_FILE,
@@ -41,56 +48,63 @@ from ensemble.outputs import (
     Storage,
 )
 from ensemble.plan import MemberSpec
-from ensemble.vote import accuracy
 
-# JAX takes 75% of a GPU's memory up front by default; a member given a share of a GPU takes that share of it.
+# JAX takes 75% of a GPU's memory up front by default; a group given a share of a GPU takes that share of it.
 JAX_GPU_MEMORY_FRACTION = 0.75
+# A checkpoint is written once the training since the last one took this many times as long as writing
+# that one did: checkpoints then cost at most a tenth of the time.
+TRAINING_PER_CHECKPOINT = 9.0
 
 
 def worker_env(train: TrainConfig, gpus: float) -> dict[str, str]:
-    """Environment of a member's worker process, set by Ray before anything is imported there."""
+    """Environment of a group's worker process, set by Ray before anything is imported there."""
     env = {"KERAS_BACKEND": train.backend}
     if train.backend == "jax":
         if gpus == 0:
-            env["JAX_PLATFORMS"] = "cpu"  # a CPU member must not take a GPU it was not given
+            env["JAX_PLATFORMS"] = "cpu"  # a CPU group must not take a GPU it was not given
         else:
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{JAX_GPU_MEMORY_FRACTION * min(gpus, 1.0):.3f}"
     return env
 
 
-def member_trainer(
+def group_trainer(
     config: Config,
-    spec: MemberSpec,
+    specs: list[MemberSpec],
+    name: str,
     storage: Storage,
     marker: str,
     data_ref: ray.ObjectRef,
     resources: dict[str, float],
-    name: str | None = None,
     directory: str = MEMBERS_DIR,
+    predict_test: bool = True,
+    progress: ray.actor.ActorHandle | None = None,
 ) -> DataParallelTrainer:
-    """The Ray Train run that fits one member: one worker with `resources`, checkpoints under <directory>/<name>/.
+    """The Ray Train run that fits a group of members: one worker with `resources`, checkpoints under
+    <directory>/<name>/.
 
     `marker` is the token the driver wrote to the run's STORAGE_MARKER_FILE, which the worker must read back.
-    `name` is the member's by default; a search names each trial's run (ensemble/tune.py).
+    `predict_test`: whether the final checkpoint holds test-set logits (a search never uses them).
+    `progress`: an actor the worker tells how its epochs advance, about once a second (ensemble/progress.py).
     """
-    name = name or spec.name
     use_gpu = resources["GPU"] > 0
     loop_config = {
         "config": config,
-        "member": spec,
+        "members": specs,
+        "name": name,
         "data_ref": data_ref,
         "cpus": resources["CPU"],
         "storage": storage,
         "marker": marker,
-        "name": name,
+        "predict_test": predict_test,
+        "progress": progress,
     }
     # Ray Train's framework-neutral trainer for both backends. Not TensorflowTrainer: it only sets TF_CONFIG
-    # for multi-worker strategies, which a one-worker member does not use, and importing it imports
-    # TensorFlow in the trial and in the Train controller too (about 10 s of CPU each, per member).
-    # Not JaxTrainer: it sets up jax.distributed for multi-host SPMD, which a one-worker member does not
+    # for multi-worker strategies, which a one-worker group does not use, and importing it imports
+    # TensorFlow in the trial and in the Train controller too (about 10 s of CPU each, per group).
+    # Not JaxTrainer: it sets up jax.distributed for multi-host SPMD, which a one-worker group does not
     # use, and on GPUs rewrites CUDA_VISIBLE_DEVICES from the GPU count, which breaks fractional GPUs.
     return DataParallelTrainer(
-        train_member,
+        train_group,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=1,
@@ -110,24 +124,6 @@ def member_trainer(
     )
 
 
-def _report(metrics: dict[str, Any], write: dict[str, Any]) -> None:
-    """Write the files of `write` ({name: bytes or a callable taking a path}) and report them as a checkpoint."""
-    with tempfile.TemporaryDirectory() as directory:
-        for name, contents in write.items():
-            path = Path(directory) / name
-            if callable(contents):
-                contents(path)
-            else:
-                path.write_bytes(contents)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def _savez(arrays: list[np.ndarray] | dict[str, np.ndarray]) -> Any:
-    if isinstance(arrays, dict):
-        return lambda path: np.savez(path, **arrays)
-    return lambda path: np.savez(path, *arrays)
-
-
 def write_storage_marker(storage: Storage) -> str:
     """Write a new token for this start of a run to its STORAGE_MARKER_FILE, for the workers to read back."""
     marker = uuid.uuid4().hex
@@ -135,7 +131,7 @@ def write_storage_marker(storage: Storage) -> str:
     return marker
 
 
-def check_sees_output(storage: Storage, marker: str, name: str) -> None:
+def check_sees_output(storage: Storage, marker: str, who: str) -> None:
     """Stop at once, with one line, if this node does not see the run's output location as the driver does.
 
     Checkpoints written to a node-local path the driver cannot read would be lost to the run.
@@ -143,94 +139,189 @@ def check_sees_output(storage: Storage, marker: str, name: str) -> None:
     if storage.read_text(STORAGE_MARKER_FILE) != marker:
         node = ray.get_runtime_context().get_node_id()[:8]
         raise RuntimeError(
-            f"{name}'s worker on node {node} does not see the run's output dir {storage.location} (its marker "
+            f"{who}'s worker on node {node} does not see the run's output dir {storage.location} (its marker "
             f"{STORAGE_MARKER_FILE} is missing or from another run); use a filesystem every node mounts at the "
             "same path, or an s3:// or gs:// URI"
         )
 
 
-def train_member(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker loop: fit one member (resuming if a checkpoint exists), then save its logits."""
+class ScalarLogs:
+    """Each member's epoch metrics as TensorBoard scalars, one event file per member per worker (tensorboardX:
+    no TensorFlow needed). Written with local file APIs: local (or shared) disks only."""
+
+    def __init__(self, storage: Storage):
+        self.directory = storage.path(TENSORBOARD_DIR) if storage.is_local else None
+        self.writers: dict[str, Any] = {}
+
+    def write(self, name: str, epoch: dict[str, float]) -> None:
+        if self.directory is None:
+            return
+        from tensorboardX import SummaryWriter
+
+        writer = self.writers.get(name) or self.writers.setdefault(name, SummaryWriter(f"{self.directory}/{name}"))
+        for key, value in epoch.items():
+            if key != "epoch":
+                writer.add_scalar(f"epoch/{key}", value, int(epoch["epoch"]))
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def _savez(arrays: dict[str, np.ndarray]) -> Any:
+    return lambda path: np.savez(path, **arrays)
+
+
+def write_folders(root: Path, folders: dict[str, dict[str, Any]]) -> None:
+    """Write {folder: {file name: bytes, or a callable taking a path}} under `root` (the folder "" is `root`)."""
+    for folder, files in folders.items():
+        (root / folder).mkdir(exist_ok=True)
+        for name, contents in files.items():
+            contents(root / folder / name) if callable(contents) else (root / folder / name).write_bytes(contents)
+
+
+def report_checkpoint(metrics: dict[str, Any], folders: dict[str, dict[str, Any]]) -> None:
+    """Report `metrics` with a checkpoint holding `folders` (see write_folders)."""
+    with tempfile.TemporaryDirectory() as root:
+        write_folders(Path(root), folders)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(root))
+
+
+def member_files(member: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds of a member: its model (with optimizer), its state, its best weights if any."""
+    files = {
+        MODEL_FILE: member.model.save,
+        STATE_FILE: json.dumps(dataclasses.asdict(member.state) | (extra or {})).encode(),
+    }
+    if member.best_weights is not None:
+        files[BEST_WEIGHTS_FILE] = _savez({f"arr_{i}": w for i, w in enumerate(member.best_weights)})
+    return files
+
+
+def restore_members(config: Config, specs: list[MemberSpec], data: EnsembleData, directory: Path) -> list[Any]:
+    """The group's members as its checkpoint in `directory` holds them."""
+    import keras
+
+    from ensemble.train import TrainingState, restored_member
+
+    members = []
+    for spec in specs:
+        folder = directory / spec.name
+        saved = json.loads((folder / STATE_FILE).read_text())
+        state = TrainingState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainingState)})
+        best = None
+        if (folder / BEST_WEIGHTS_FILE).is_file():
+            with np.load(folder / BEST_WEIGHTS_FILE) as arrays:
+                best = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+        members.append(restored_member(config, spec, data, keras.models.load_model(folder / MODEL_FILE), state, best))
+    return members
+
+
+def train_group(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker loop: fit a group's members (resuming from a checkpoint if there is one), then save
+    their logits."""
     started_at = time.time()
     storage: Storage = loop_config["storage"]
-    check_sees_output(storage, loop_config["marker"], loop_config["member"].name)
+    name: str = loop_config["name"]
+    specs: list[MemberSpec] = loop_config["members"]
+    who = specs[0].name if len(specs) == 1 else f"{name} ({', '.join(spec.name for spec in specs)})"
+    check_sees_output(storage, loop_config["marker"], who)
     import keras  # first imported here, under this worker's KERAS_BACKEND
 
-    from ensemble.train import TrainingState, configure_backend, fit_member, new_model, predict_logits, seed_everything
+    from ensemble.train import Group, configure_backend, new_member
 
     config: Config = loop_config["config"]
-    spec: MemberSpec = loop_config["member"]
     configure_backend(loop_config["cpus"])
     # Before any model is built or loaded: layers take their compute dtype from the global policy.
     keras.mixed_precision.set_global_policy(config.train.precision)
     data: EnsembleData = ray.get(loop_config["data_ref"])
 
     checkpoint = ray.train.get_checkpoint()
-    state, best_weights = TrainingState(), None
     if checkpoint:
-        with checkpoint.as_directory() as name:
-            directory = Path(name)
-            saved = json.loads((directory / STATE_FILE).read_text())
-            if saved.get("done"):
+        with checkpoint.as_directory() as directory:
+            if json.loads((Path(directory) / GROUP_FILE).read_text())["done"]:
                 return  # finished in an earlier run: its final checkpoint stays the result
-            state = TrainingState(**saved)
-            model = keras.models.load_model(directory / MODEL_FILE)
-            with np.load(directory / BEST_WEIGHTS_FILE) as arrays:
-                best_weights = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-        # The driver says so. Like every report, it says where the member stands (Tune's searches need both).
-        last = state.history[-1]
-        ray.train.report(
-            {
-                "member": spec.index,
-                "resumed_after": state.epochs,
-                "epoch": last["epoch"],
-                "val_accuracy": last["val_accuracy"],
-            }
-        )
-        # A fresh seed per resume so that the restarted epochs do not replay the same shuffles.
-        seed_everything(spec.seed + state.epochs)
+            members = restore_members(config, specs, data, Path(directory))
+        # The driver says so, member by member.
+        resumed = {member.spec.name: member.state.epochs for member in members}
+        ray.train.report({"run": name, "resumed": resumed} | latest(members))
     else:
-        model = new_model(config, spec, data)
+        members = [new_member(config, spec, data) for spec in specs]
 
-    def save_epoch(model: keras.Model, state: TrainingState, best: list[np.ndarray]) -> None:
-        last = state.history[-1]
-        _report(
-            {"member": spec.index, **last},
-            {
-                MODEL_FILE: model.save,
-                BEST_WEIGHTS_FILE: _savez(best),
-                STATE_FILE: json.dumps(dataclasses.asdict(state)).encode(),
-            },
-        )
+    group = Group(members, config, data)
+    logs = ScalarLogs(storage)
+    unreported: dict[str, list[dict[str, float]]] = {spec.name: [] for spec in specs}
+    pace = {"trained": 0.0, "writing": 0.0}  # seconds trained since the last checkpoint, and its writing time
 
-    # TensorBoard event files are written by local file APIs: local (or shared) disks only.
-    log_dir = storage.path(TENSORBOARD_DIR, loop_config["name"]) if storage.is_local else None
-    best_epoch = fit_member(model, config, spec, data, state, best_weights, save_epoch, log_dir)
-    # The model now holds its best epoch's weights (restored by early stopping).
-    logits = {"holdout": predict_logits(model, data.holdout_images), "test": predict_logits(model, data.test_images)}
+    def report(final: dict[str, dict[str, Any]] | None = None) -> None:
+        """A checkpoint of every member; `final` adds each member's logits and where it trained: the group is done."""
+        started = time.perf_counter()
+        folders = {"": {GROUP_FILE: json.dumps({"done": final is not None}).encode()}}
+        for member in members:
+            folder = folders[member.spec.name] = member_files(member, final and final[member.spec.name]["state"])
+            if final:
+                folder[LOGITS_FILE] = _savez(final[member.spec.name]["logits"])
+        metrics = {
+            "run": name,
+            "members": [spec.name for spec in specs],
+            "epochs": {member: list(lines) for member, lines in unreported.items() if lines},
+            "done": final is not None,
+        }
+        report_checkpoint(metrics | latest(members), folders)
+        for lines in unreported.values():
+            lines.clear()
+        pace.update(trained=0.0, writing=time.perf_counter() - started)
+
+    def on_epoch(trained: list[Any]) -> None:
+        for member in trained:
+            unreported[member.spec.name].append(member.state.history[-1])
+            logs.write(member.spec.name, member.state.history[-1])
+        pace["trained"] += trained[0].state.history[-1]["seconds"]
+        if pace["trained"] >= TRAINING_PER_CHECKPOINT * pace["writing"]:
+            report()
+
+    board = loop_config["progress"]
+
+    def on_progress(training: list[Any], epoch: int, step: int, steps: int, totals: np.ndarray, seconds: float) -> None:
+        images = step * min(config.train.batch_size, len(training[0].train_index))
+        rows = {}
+        for member, (loss, correct) in zip(training, totals, strict=True):
+            rows[f"{name}/{member.spec.name}"] = {
+                **{"run": name, "member": member.spec.name, "epoch": epoch, "step": step, "steps": steps},
+                **{"loss": loss / images, "accuracy": correct / images, "seconds": seconds},
+                "images_per_second": images / seconds,
+            }
+        board.post.remote(rows)  # fire and forget: training does not wait for the driver
+
+    group.train(on_epoch, on_progress if board is not None else None)
+    logs.close()
+    # Every member now holds its best epoch's weights.
+    parts = ["holdout", "test"] if loop_config["predict_test"] else ["holdout"]
+    logits = {part: group.predict(part) for part in parts}
     if config.ensemble.tta > 1:
-        logits["holdout_tta"] = predict_logits(model, data.holdout_images, config.ensemble.tta)
-        logits["test_tta"] = predict_logits(model, data.test_images, config.ensemble.tta)
-    final = {
-        "member": spec.index,
-        "done": True,
-        "epochs": state.epochs,
-        "best_epoch": best_epoch,
-        "epoch": state.epochs,
-        "val_accuracy": state.history[best_epoch - 1]["val_accuracy"],
-        "holdout_accuracy": accuracy(logits["holdout"].argmax(axis=1), data.holdout_labels),
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "gpus": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),  # Ray's ids of this worker's GPUs
-        # This worker's training, as wall-clock times: which members ran at once.
+        logits |= {f"{part}_tta": group.predict(part, config.ensemble.tta) for part in parts}
+    context = ray.get_runtime_context()
+    where = {
+        "node_id": context.get_node_id(),
+        "gpus": context.get_accelerator_ids().get("GPU", []),  # Ray's ids of this worker's GPUs
+        # This worker's training, as wall-clock times: which groups ran at once.
         "started_at": started_at,
         "finished_at": time.time(),
-        "spec": dataclasses.asdict(spec),
     }
-    _report(
-        final,
+    report(
         {
-            MODEL_FILE: model.save,
-            LOGITS_FILE: _savez(logits),
-            STATE_FILE: json.dumps(final | {"history": state.history}).encode(),
-        },
+            member.spec.name: {"state": where, "logits": {part: values[i] for part, values in logits.items()}}
+            for i, member in enumerate(members)
+        }
+    )
+
+
+def latest(members: list[Any]) -> dict[str, Any]:
+    """Where a group of one stands, as a search's scheduler reads it: its epochs, its latest validation accuracy."""
+    if len(members) != 1 or not members[0].state.history:
+        return {}
+    last = members[0].state.history[-1]
+    return {"epoch": members[0].state.epochs} | (
+        {"val_accuracy": last["val_accuracy"]} if "val_accuracy" in last else {}
     )

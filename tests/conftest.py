@@ -25,7 +25,9 @@ LONGEST_FIRST = [
     "test_end_to_end.py",
     "test_bench.py",
     "test_cluster_job.py",
+    "test_pseudo_label.py",
     "test_tune.py",
+    "test_groups.py",
     "test_backends.py",
 ]
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
 # Ray titles a Ray Train worker's process after its actor class.
 TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
@@ -84,3 +88,37 @@ class EnsembleProcess:
             subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], check=False)
             time.sleep(0.5)
         self.reader.join(30)
+
+
+# rich's cursor moves and colours, stripped to read what a terminal shows.
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def run_in_terminal(*args: str, columns: int = 120, timeout: float = 900) -> tuple[int, str]:
+    """`python -m ensemble.run ARGS` with a pseudo-terminal as its stdin, stdout and stderr, `columns` wide:
+    (exit code, everything it wrote, terminal codes stripped)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ensemble.run", *args],
+        cwd=REPO,
+        env=ENV | {"TERM": "xterm-256color"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        start_new_session=True,
+    )
+    os.close(follower)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed its terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    code = process.wait(60)
+    return code, TERMINAL_CODES.sub("", b"".join(chunks).decode(errors="replace"))

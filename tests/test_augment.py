@@ -117,7 +117,7 @@ def test_test_time_augmentation_averages_shifted_views(sample) -> None:
     keras.utils.set_random_seed(0)
     model = build_model(ModelConfig(width=0.125))
     images = sample[0][:40]
-    plain = predict_logits(model, images)
+    plain = predict_logits([model], images)[0]
     assert plain.dtype == np.float32 and plain.shape == (40, 10)
     np.testing.assert_allclose(plain, model.predict(images.astype(np.float32), verbose=0), atol=1e-5)
     # Integer shifts are exact: each view is the image rolled by one pixel, with a black edge.
@@ -127,5 +127,5 @@ def test_test_time_augmentation_averages_shifted_views(sample) -> None:
         if dx:
             rolled[:, :, 0 if dx > 0 else -1] = 0
         views.append(model.predict(rolled, verbose=0))
-    np.testing.assert_allclose(predict_logits(model, images, views=3), np.mean(views, axis=0), atol=1e-4)
-    assert predict_logits(model, images[:0], views=3).shape == (0, 10)
+    np.testing.assert_allclose(predict_logits([model], images, views=3)[0], np.mean(views, axis=0), atol=1e-4)
+    assert predict_logits([model, model], images[:0], views=3).shape == (2, 0, 10)

@@ -17,13 +17,17 @@ import pytest
 
 from .conftest import REPO
 
+FIRST_STEP = "test_a_group_takes_the_same_first_step_as_each_member_alone"
 OTHER_BACKENDS = [name for name in ("tensorflow", "jax") if name != keras.backend.backend()]
 
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
-def test_augmentation_and_test_time_augmentation_under(backend: str) -> None:
+def test_augmentation_test_time_augmentation_and_a_group_step_under(backend: str) -> None:
+    # The group's first step against each member's alone: the fused step of that backend (the other group
+    # tests train for epochs, which JAX compiles slowly on a CPU).
+    tests = ["tests/test_augment.py", f"tests/test_groups.py::{FIRST_STEP}"]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_augment.py", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-n", "0"],
         cwd=REPO,
         env=os.environ | {"KERAS_BACKEND": backend},
         capture_output=True,

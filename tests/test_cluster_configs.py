@@ -35,7 +35,8 @@ from ray.autoscaler.sdk import fillout_defaults
 from ensemble.config import Config, command_line_overrides, load_config
 from ensemble.run import parse_args
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = {"aws-gpu.yaml": "aws", "gcp-gpu.yaml": "gcp"}
 # Where the launcher configs bind-mount the shared file system inside the Ray containers.

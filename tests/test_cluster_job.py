@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from ensemble.data import write_kaggle_csv
-from ensemble.run import free_port
+from ensemble.launch import free_port
 
 from .conftest import REPO
 
@@ -163,7 +163,7 @@ def test_job_submit_as_the_readme_shows_it(cluster: Cluster) -> None:
     assert most_at_once(members) == 1
     assert len({member["node_id"] for member in members}) == 1
     assert all(member["gpus"] == ["0"] for member in members)
-    assert all(member["val_accuracy"] > 0.5 for member in members)  # chance is 0.1
+    assert all(member["val_accuracy"] > 0.3 for member in members)  # chance is 0.1; 36 steps in all
     # With no common holdout the report says so rather than inventing a number.
     assert report["ensemble"]["holdout_accuracy"] is None
     assert report["ensemble"]["note"] == "no holdout: data.holdout_fraction is 0"
@@ -213,3 +213,55 @@ def test_a_worker_that_cannot_see_the_output_dir_stops_its_member_at_once(cluste
     # Too few members to vote: nothing is written but the members' own folders.
     assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
     assert not list(output.glob("members/member-00/checkpoint_*"))  # it stopped before training
+
+
+# Another job's actor that holds node B's one GPU until this script's stdin closes.
+GPU_HOLDER = """
+import sys, ray
+ray.init()
+@ray.remote(num_gpus=1, num_cpus=0)
+class Holder:
+    def ready(self):
+        return True
+actor = Holder.remote()
+ray.get(actor.ready.remote())
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_what_no_node_can_hold_stops_at_once_and_a_wait_with_nothing_running_is_said(cluster: Cluster) -> None:
+    """Node B has the cluster's one GPU (Ray's fake one): two per member can never be met; one, while
+    another job holds it, waits with nothing running, is said, and on a cluster no autoscaler grows stops."""
+    output = cluster.base / "visible" / "too-big"
+    started = time.monotonic()
+    result = cluster.ensemble_run(output, "--set", "resources.gpus_per_member=2")
+    assert result.returncode == 2 and time.monotonic() - started < 120
+    assert result.stderr.splitlines() == [
+        "error: a member needs 1 CPU and 2 GPU on one node, but no node of this cluster has that (its nodes: "
+        "1 CPU, 0 GPU; 1 CPU, 1 GPU); lower resources.gpus_per_member (a node has 1 GPU at most)"
+    ]
+    assert not output.exists()
+
+    env = cluster.env | {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", GPU_HOLDER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        output = cluster.base / "visible" / "waits"
+        result = cluster.ensemble_run(
+            output, "--set", "resources.gpus_per_member=1", "--set", "resources.wait_seconds=10",
+            "--set", "ensemble.members=1",
+        )  # fmt: skip
+    finally:
+        holder.stdin.close()
+        holder.wait(60)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: members have waited \d+ s for a worker of 1 CPU and 1 GPU, with nothing running; the cluster "
+        r"has [\d.]+ CPU and 0 GPU free, and no autoscaler to add a node \(resources.wait_seconds\)",
+        errors[0],
+    ), result.stderr[-3000:]
+    assert " epoch " not in result.stdout and not (output / "report.json").exists()

@@ -6,7 +6,7 @@ import pytest
 
 from ensemble.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
 
 
 def test_shipped_configs_load() -> None:
@@ -62,3 +62,9 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     assert "not valid YAML" in message(bad, [])
+
+
+def test_an_override_whose_value_is_not_yaml_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["train.schedule=[cosine"])
+    assert str(caught.value).startswith("--set 'train.schedule=[cosine': the value is not valid YAML (")

@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ensemble.run import free_port
-from ensemble.vote import soft_vote, vote
+from ensemble.launch import free_port
+from ensemble.vote import vote
 
 from .conftest import REPO
+from .helpers import run_in_terminal
 
 # The README's quickstart, at 2 of its 8 epochs to keep CI short (members are at 0.94-0.96 by then).
 QUICKSTART = ["--config", "configs/quickstart.yaml", "--set", "train.max_epochs=2"]
@@ -91,9 +92,10 @@ def test_quickstart_shows_every_epoch_of_every_member_and_little_else(quickstart
     assert sorted(progress) == sorted(expected)
     for word in CHATTER:
         assert word not in result.stdout + result.stderr, word
-    # Besides those: the plan (4 lines, a header and a line per member), where Ray's logs are, the summary
-    # table (a header, a line per member, the ensemble), the paired test's verdict and the files written.
-    assert len(lines) == len(progress) + (5 + 3) + 1 + (1 + 3 + 1) + 1 + 1, "\n".join(lines)
+    # Besides those: the plan (4 lines, a header and a line per member), where Ray's logs are, how the
+    # members are grouped, the summary table (a header, a line per member, the ensemble), the paired test's
+    # verdict and the files written.
+    assert len(lines) == len(progress) + (5 + 3) + 1 + 1 + (1 + 3 + 1) + 1 + 1, "\n".join(lines)
     assert result.stderr == ""
     assert any(line.startswith("Ray's, Tune's and the workers' own output: ") for line in lines)
 
@@ -129,13 +131,14 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
         with np.load(checkpoint / "logits.npz") as logits:
             assert logits["holdout"].shape == (500, 10)
             test_logits.append(logits["test"])
-    np.testing.assert_array_equal(soft_vote(np.stack(test_logits))[1], rows[:, 1])
+    np.testing.assert_array_equal(vote(np.stack(test_logits)).argmax(1), rows[:, 1])
 
     # The report: each plot decodes as an image, and report.html embeds them all.
     for name in PLOTS:
         height, width, _ = matplotlib.image.imread(output / name).shape
         assert height > 100 and width > 100
-    assert list((output / "tensorboard" / "member-00").rglob("events.out.tfevents.*"))
+    for member in members:  # one event file per member, written epoch by epoch
+        assert len(list((output / "tensorboard" / member["name"]).rglob("events.out.tfevents.*"))) == 1
     page = (output / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(PLOTS) and "member-02" in page
 
@@ -172,17 +175,38 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
     assert (from_png["Label"].to_numpy() == majority[:10]).sum() >= 8
 
 
-def test_quickstart_under_jax_gives_the_same_outputs(quickstart, tmp_path: Path) -> None:
+# A live line as rich draws it on a terminal, per member: epoch, step, running loss and accuracy, speed, time left.
+LIVE = re.compile(r"(member-0[01]) +epoch (\d)/2 +step \d+/\d+ +loss [\d.]+ +acc [\d.]+ +[\d,]+ img/s +\d+:\d\d left")
+
+
+def test_quickstart_under_jax_one_member_per_worker_on_a_terminal(quickstart, tmp_path: Path) -> None:
+    """The quickstart's first two members under JAX, each alone in its worker (members_per_worker 1), on a
+    terminal: the same members as the TensorFlow run's group of three, the same files, and live lines."""
     output = tmp_path / "quickstart-jax"
-    # Two members: JAX compiles slowly on a CPU, and CI has 15 minutes for everything.
-    run_ensemble(*QUICKSTART, "--output-dir", str(output), "--set", "train.backend=jax", "--set", "ensemble.members=2")
+    code, shown = run_in_terminal(
+        *QUICKSTART, "--output-dir", str(output), "--set", "train.backend=jax", "--set", "ensemble.members=2",
+        "--set", "resources.members_per_worker=1",
+    )  # fmt: skip
+    assert code == 0, shown[-3000:]
     report = json.loads((output / "report.json").read_text())
     assert report["config"]["train"]["backend"] == "jax"
     assert [member["name"] for member in report["members"]] == ["member-00", "member-01"]
     assert all(member["holdout_accuracy"] > 0.8 for member in report["members"])  # chance is 0.1
     assert report["ensemble"]["holdout_accuracy"] > 0.8
-    # The same files, in the same formats, as the TensorFlow run (less its third member's).
+    # Trained alone or in a group, a member is the same member: seeds, split and augmentation strength.
     reference, _ = quickstart
+    grouped = json.loads((reference / "report.json").read_text())["members"]
+    for alone, together in zip(report["members"], grouped, strict=False):
+        assert {k: alone[k] for k in ("seed", "split_seed", "strength")} == {
+            k: together[k] for k in ("seed", "split_seed", "strength")
+        }
+    assert len({member["checkpoint"].split("/")[1] for member in report["members"]}) == 2  # two workers' runs
+    # Live lines for both members, besides the same epoch lines as off a terminal.
+    assert {match[1] for match in LIVE.finditer(shown)} == {"member-00", "member-01"}, shown[-3000:]
+    assert {line.split(":")[0] for line in shown.splitlines() if PROGRESS.match(line)} == {
+        "member-00 epoch 1", "member-00 epoch 2", "member-01 epoch 1", "member-01 epoch 2",
+    }  # fmt: skip
+    # The same files, in the same formats, as the TensorFlow run (less its third member's).
     assert layout(output) == {name for name in layout(reference) if "member-02" not in name}
     lines, rows = read_submission(output / "submission.csv")
     assert lines[0] == "ImageId,Label" and rows.shape == (1000, 2)
@@ -194,14 +218,13 @@ def test_quickstart_under_jax_gives_the_same_outputs(quickstart, tmp_path: Path)
 
 
 def layout(output: Path) -> set[str]:
-    """A run's files, with checkpoint and TensorBoard event names reduced to their kind."""
+    """A run's files, with group, checkpoint and TensorBoard event names reduced to their kind."""
     names = set()
     for path in output.rglob("*"):
         if path.is_file() and "ray" not in path.relative_to(output).parts[:1]:
             parts = path.relative_to(output).parts
-            names.add(
-                "/".join("checkpoint_*" if p.startswith("checkpoint_") else p for p in parts if ".tfevents." not in p)
-            )
+            kinds = ("checkpoint_*" if p.startswith("checkpoint_") else p for p in parts if ".tfevents." not in p)
+            names.add("/".join("group-*" if p.startswith("group-") else p for p in kinds))
     return names
 
 

@@ -1,4 +1,4 @@
-"""Joining a cluster by RAY_ADDRESS: an address where nothing answers is refused at once, in one line.
+"""What stops a run at once, in one line: a RAY_ADDRESS where nothing answers, and a member no node can hold.
 
 (That a local run starts its own Ray whatever a dead cluster left behind, and shows every epoch and
 little else, is tested on the README's quickstart in tests/test_end_to_end.py.)"""
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.run import free_port
+from ensemble.launch import free_port
 
 from .conftest import REPO
 
@@ -45,3 +45,20 @@ def test_an_unreachable_cluster_address_fails_at_once_with_one_line(tmp_path: Pa
     errors = result.stderr.splitlines()
     assert len(errors) == 1 and errors[0].startswith(f"error: RAY_ADDRESS={address}: no Ray cluster answers there")
     assert "unset RAY_ADDRESS" in errors[0] and len(errors[0]) < 300
+
+
+def test_a_member_no_node_can_hold_stops_the_local_run_at_once(tmp_path: Path, ray_tmpdir: Path) -> None:
+    """Ray would wait for a 64-CPU node for ever: the run says what was asked, what there is, and the key."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmpdir)}
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "ensemble.run", "--config", "configs/quickstart.yaml", "--output-dir", str(output)]
+    command += ["--set", "resources.cpus_per_member=64", "--set", "resources.members_per_worker=1"]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and time.monotonic() - started < 120
+    cpus = os.cpu_count()
+    assert result.stderr.splitlines() == [
+        f"error: a member needs 64 CPU and 0 GPU on one node, but no node of this cluster has that (its nodes: "
+        f"{cpus} CPU, 0 GPU); lower resources.cpus_per_member (a node has {cpus} CPU at most)"
+    ]
+    assert " epoch " not in result.stdout and not output.exists()

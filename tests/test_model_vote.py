@@ -7,7 +7,7 @@ import pytest
 from ensemble.config import ModelConfig
 from ensemble.model import build_model
 from ensemble.outputs import submission_csv
-from ensemble.vote import accuracy, accuracy_interval, fit_weights, paired_comparison, soft_vote, vote
+from ensemble.vote import accuracy, accuracy_interval, fit_weights, paired_comparison, vote
 
 
 def test_reference_model_has_the_seed_parameter_count() -> None:
@@ -33,22 +33,22 @@ def test_soft_vote_averages_logits() -> None:
             [[0.0, 3.0, 0.0], [0.0, 1.0, 0.0]],
         ]
     )
-    mean, predicted = soft_vote(logits)
+    mean = vote(logits, "logits")
     np.testing.assert_allclose(mean, [[1.0, 1.5, 0.0], [0.0, 1.0, 0.0]])
-    np.testing.assert_array_equal(predicted, [1, 1])
+    np.testing.assert_array_equal(mean.argmax(1), [1, 1])
 
 
 def test_soft_vote_differs_from_majority_and_breaks_ties_to_the_lowest_class() -> None:
     # Two members mildly prefer class 0, one strongly prefers class 2: soft voting picks 2.
     logits = np.array([[[1.0, 0.0, 0.9]], [[1.0, 0.0, 0.9]], [[0.0, 0.0, 5.0]]])
-    assert soft_vote(logits)[1].tolist() == [2]
+    assert vote(logits, "logits").argmax(1).tolist() == [2]
     tie = np.array([[[0.0, 1.0, 1.0]], [[0.0, 1.0, 1.0]]])
-    assert soft_vote(tie)[1].tolist() == [1]
+    assert vote(tie, "logits").argmax(1).tolist() == [1]
 
 
 def test_soft_vote_rejects_wrong_shapes() -> None:
     with pytest.raises(ValueError):
-        soft_vote(np.zeros((3, 10)))
+        vote(np.zeros((3, 10)), "logits")
 
 
 def test_accuracy_of_nothing_is_none() -> None:

@@ -14,7 +14,8 @@ import pytest
 from ensemble.config import Config
 from ensemble.outputs import Storage
 from ensemble.report import ensemble_size_curve, render_report
-from ensemble.results import RunResults, write_results
+from ensemble.results import FinishedMember, RunResults, write_results
+from ensemble.scoring import MemberLogits
 from ensemble.vote import vote
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,22 +38,27 @@ def fake_run(tmp_path: Path, sample, holdout: int = 300) -> tuple[RunResults, di
             }
             for e in range(1, 6)
         ]
-        members.append({
-            "name": f"member-{index:02d}", "index": index, "seed": index, "split_seed": 10 + index,
-            "strength": 0.5 + 0.5 * index, "epochs": 5, "best_epoch": 5, "val_accuracy": 0.93,
-            "holdout_accuracy": float(np.mean(logits.argmax(1) == labels)), "history": history,
-            "holdout_logits": logits, "holdout_logits_plain": logits, "test_logits": logits[:10],
-        })  # fmt: skip
+        name = f"member-{index:02d}"
+        entry = {
+            "name": name, "index": index, "seed": index, "split_seed": 10 + index, "strength": 0.5 + 0.5 * index,
+            "epochs": 5, "best_epoch": 5, "val_accuracy": 0.93,
+        }  # fmt: skip
+        members.append(FinishedMember(entry, history, MemberLogits(name, logits, logits[:10], logits)))
     run = RunResults(Storage(str(tmp_path)), Config().to_dict(), members, [], images, labels, {})
     # The report as a run writes it (intervals and the paired test included), through the real code path.
     report = write_results(run, "logits")
     return run, report
 
 
+def render(run: RunResults, report: dict) -> dict[str, bytes]:
+    logits = np.stack([member.logits.holdout for member in run.members])
+    histories = {member.entry["name"]: member.history for member in run.members}
+    return render_report(run.storage, report, histories, run.holdout_images, run.holdout_labels, logits, vote(logits))
+
+
 def test_every_plot_is_written_and_embedded(tmp_path: Path, sample) -> None:
     run, report = fake_run(tmp_path, sample)
-    scores = vote(np.stack([m["holdout_logits"] for m in run.members]))
-    images = render_report(run, report, scores)
+    images = render(run, report)
     assert sorted(images) == sorted(["curves.png", "ensemble_size.png", "confusion.png", "errors.png",
                                      "disagreement.png"])  # fmt: skip
     for name in images:
@@ -79,7 +85,7 @@ def test_ensemble_size_curve_ends_at_the_full_ensemble(sample) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (CI installs it)")
 def test_report_shows_its_images_in_a_browser(tmp_path: Path, sample) -> None:
     run, report = fake_run(tmp_path, sample)
-    render_report(run, report, vote(np.stack([m["holdout_logits"] for m in run.members])))
+    render(run, report)
     # The page as a browser loads it, plus a check of every image: decoded, with a real size.
     probe = tmp_path / "probe.html"
     probe.write_text(

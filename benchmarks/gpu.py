@@ -1,0 +1,318 @@
+"""GPU benchmark: how fast members train on one GPU, with Keras alone (no TensorFlow needed, no Ray).
+
+    python -m benchmarks.gpu [--backends jax,tensorflow] [--member CONFIG] [--data-dir DIR] [--quick] [--json OUT]
+
+Each Keras backend installed (or named by --backends) is measured by a process of its own, on the reference
+CNN at batch 64, every row against a baseline measured in the same run:
+- one member's throughput against the package's trainer (a one-member FusedGroup: float32, XLA, images on the
+  device, augmentation inside the step): mixed bfloat16; XLA off (model.fit, jit_compile=False); augmentation on
+  the host (the seed's ImageDataGenerator feeding model.fit); the model alone (one batch, no augmentation);
+- member groups of K = 1, 2, 4, 8, 10 (benchmarks/groups.py), with the share of the GPU's bf16 peak;
+- where one training step's time goes, part by part (JAX only: benchmarks/step_profile.py);
+- K = 2, 4, 8 members at once, each training in its own process, against one process alone;
+- one epoch of configs/reference.yaml through ensemble.train's Group, float32 against mixed bfloat16, and the
+  TFLOP/s each achieves against the GPU's peak (training FLOPs counted from the layers);
+- with --member CONFIG, member 0 of CONFIG trained to early stopping by a Group of one, as a Ray worker does.
+Cost of the full run on JAX (`--backends jax`, no --member) on one H200: about 4 minutes, estimated, not yet
+timed: about a minute of timed steps at the old benchmark's 1.7 ms a step, the rest compiling some 40 XLA
+programs (the fused groups' grow with K) and starting 8 processes. --member reference.yaml adds about a
+minute. --quick is a smoke test on a CPU (1/8 width, a slice of the data, few steps, K up to 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from benchmarks import harness
+from benchmarks.harness import Row
+from ensemble.config import Config, command_line_overrides, load_config
+
+if TYPE_CHECKING:
+    from ensemble.data import EnsembleData
+    from ensemble.train import Group, Member
+
+BACKENDS = ("jax", "tensorflow")
+REFERENCE_CONFIG = harness.REPO / "configs" / "reference.yaml"
+BASELINE = "float32, XLA, augmentation in the step (the package's trainer)"
+# A process of the sharing rows: `python -c CHILD DATA_DIR WIDTH IMAGES STEPS`.
+CHILD = "import sys; from benchmarks.gpu import train_in_this_process; train_in_this_process(*sys.argv[1:])"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much a full run measures (QUICK: a smoke test). Rates come from the median round."""
+
+    width: float = 1.0
+    images: int = 42000  # the slice of train.csv that batches are drawn from
+    rounds: int = 3  # timed rounds of every comparison, after an untimed one
+    steps: int = 200  # per round: one member's throughput, and each process of the sharing rows
+    eager_steps: int = 10  # XLA off: every op dispatched on its own, far slower
+    groups: tuple[int, ...] = (1, 2, 4, 8, 10)  # member groups of K
+    group_steps: int = 50  # per member and round
+    profile_steps: int = 100  # per part and round
+    sharing: tuple[int, ...] = (1, 2, 4, 8)  # processes at once
+
+
+QUICK = Settings(
+    width=0.125,
+    images=512,
+    rounds=2,
+    steps=4,
+    eager_steps=2,
+    groups=(1, 2),
+    group_steps=4,
+    profile_steps=4,
+    sharing=(1, 2),
+)
+
+
+def throughput_rows(images: np.ndarray, labels: np.ndarray, s: Settings, device: str) -> list[Row]:
+    from ensemble.fused import fused_group
+
+    config = harness.width_config(s.width)
+    batch, data = config.train.batch_size, harness.pool_data(images, labels)
+    harness.log(f"one member's throughput, width {s.width:g}: {s.rounds} rounds of {s.steps} steps")
+
+    def member(strength: float, **train: Any) -> Member:
+        """Member 0 (the same initial weights for every variant), with `train` changed in its config."""
+        changed = replace(config, train=replace(config.train, **train))
+        return harness.new_members(changed, data, harness.specs(strength))[0]
+
+    def trainer(one: Member, batches: np.ndarray) -> Callable[[], object]:
+        group = fused_group([one.model], images, labels)
+        return lambda: group.train_epoch((0,), batches)
+
+    batches = harness.random_batches(1, s.steps, batch, len(images))
+    x, y = harness.take(images, labels, s.steps * batch)
+    eager, host = member(1.0, jit_compile=False), member(0.0)  # strength 0: the host augments
+    flow = harness.image_data_generator_flow(x, y, batch)
+    candidates = {
+        BASELINE: trainer(member(1.0), batches),
+        "mixed bfloat16": trainer(member(1.0, precision="mixed_bfloat16"), batches),
+        "XLA off (model.fit, jit_compile=False)": lambda: harness.fit_steps(eager.model, (x, y), s.eager_steps, batch),
+        "augmentation on the host (ImageDataGenerator, model.fit)": lambda: harness.fit_steps(
+            host.model, flow, s.steps, batch
+        ),
+        "model alone (one batch, no augmentation)": trainer(member(0.0), harness.repeated_batch(s.steps, batch)),
+    }
+    seconds = harness.alternate(candidates, s.rounds)
+    steps = {name: s.eager_steps if name.startswith("XLA off") else s.steps for name in candidates}
+    rate = {name: harness.median_rate(steps[name] * batch, times) for name, times in seconds.items()}
+    rows = []
+    for name in [name for name in candidates if name != BASELINE]:
+        note = f"baseline: {BASELINE}; width {s.width:g}, median of {s.rounds} rounds of {steps[name]} steps"
+        extra = {"round_seconds": seconds[name], "baseline_round_seconds": seconds[BASELINE]}
+        rows.append(Row(f"training img/s: {name}", "img/s", device, rate[BASELINE], rate[name], note, extra))
+    return rows
+
+
+def train_in_this_process(data_dir: str, width: str, images: str, steps: str) -> None:
+    """A process of the sharing rows: a one-member group, compiled, then `steps` steps for each line read on
+    stdin, answered with when they began and ended (harness.serve)."""
+    from ensemble.fused import fused_group
+    from ensemble.train import configure_backend
+
+    configure_backend(1)
+    x, y = harness.read_train(Path(data_dir))
+    x, y = x[: int(images)], y[: int(images)]
+    config = harness.width_config(float(width))
+    [member] = harness.new_members(config, harness.pool_data(x, y), harness.specs(1.0))
+    group = fused_group([member.model], x, y)
+    batches = harness.random_batches(1, int(steps), config.train.batch_size, len(x))
+    group.train_epoch((0,), batches[:, :1])  # compiles
+
+    def train() -> dict[str, Any]:
+        begin = time.time()  # wall clock: comparable across the processes
+        group.train_epoch((0,), batches)
+        return {"begin": begin, "end": time.time(), "images": int(batches.size)}
+
+    harness.serve(train)
+
+
+def sharing_rows(data_dir: Path, s: Settings, device: str) -> list[Row]:
+    count = max(s.sharing)
+    # Each process gets its share of the GPU's memory (JAX would take 75%; this process holds 20%).
+    env = os.environ | {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.7 / count:.3f}"}
+    command = [sys.executable, "-c", CHILD, str(data_dir), str(s.width), str(s.images), str(s.steps)]
+    harness.log(f"{count} training processes set up together, then {s.rounds} rounds of {s.sharing} at once")
+    rates: dict[int, list[float]] = {k: [] for k in s.sharing}
+    with harness.Children(command, count, env) as children:
+        for _, k in itertools.product(range(s.rounds), s.sharing):
+            answers = children.run(k)
+            span = max(a["end"] for a in answers) - min(a["begin"] for a in answers)
+            rates[k].append(sum(a["images"] for a in answers) / span)
+    rate = {k: float(np.median(values)) for k, values in rates.items()}
+    note = f"baseline: one process alone; {s.steps} steps each, width {s.width:g}, median of {s.rounds} rounds; "
+    note += f"start-up and compilation {children.startup_seconds:.0f} s, untimed"
+    name = "{} members at once, each in its own process, aggregate"
+    return [
+        Row(name.format(k), "img/s", device, rate[1], rate[k], note, {"rates": rates[k]}) for k in s.sharing if k > 1
+    ]
+
+
+def recipe_config(path: Path, data_dir: Path, quick: bool, overrides: Sequence[str] = ()) -> Config:
+    extra = command_line_overrides(overrides, str(data_dir))
+    if quick:
+        extra += ["model.width=0.125", "data.max_train_rows=1000", "data.max_test_rows=50"]
+    return load_config(path, extra)
+
+
+def train_member_zero(config: Config, on_epoch: Callable[[list[Member]], None]) -> tuple[Group, EnsembleData]:
+    """Member 0 of `config`, trained as a Ray worker trains it (ensemble/worker.py) but without Ray: a Group of one."""
+    from ensemble.data import prepare
+    from ensemble.plan import plan_members
+    from ensemble.train import Group
+
+    data = prepare(config.data)
+    group = Group(harness.new_members(config, data, plan_members(config.ensemble)[:1]), config, data)
+    group.train(on_epoch)
+    return group, data
+
+
+def recipe_rows(data_dir: Path, quick: bool, device: str, gpu: str | None) -> list[Row]:
+    """One epoch of the reference recipe (the second: the first compiles), float32 and mixed bfloat16."""
+    measured = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        harness.log(f"reference recipe, {precision}: 2 epochs")
+        overrides = ["train.max_epochs=2", f"train.precision={precision}"]
+        config = recipe_config(REFERENCE_CONFIG, data_dir, quick, overrides)
+        [member] = train_member_zero(config, lambda _: None)[0].members
+        seconds, flops = member.state.history[-1]["seconds"], harness.forward_flops(member.model)
+        train_images = len(member.train_index) // config.train.batch_size * config.train.batch_size
+        work = flops * (harness.TRAINING_FLOPS_PER_FORWARD * train_images + len(member.val_index))
+        measured[precision] = {"seconds": seconds, "tflops": work / seconds / 1e12, "forward_flops_per_image": flops}
+    split = f"{train_images} training + {len(member.val_index)} validation images"
+    note = f"baseline: float32; {split}; the second epoch (the first compiles)"
+    seconds = measured["float32"]["seconds"], measured["mixed_bfloat16"]["seconds"]
+    rows = [Row("reference recipe: seconds per epoch, mixed bfloat16", "s", device, *seconds, note)]
+    for precision, peak_name in (("float32", "TF32"), ("mixed_bfloat16", "bf16")):
+        peak = harness.peak_tflops(gpu, precision)
+        note = f"baseline: the GPU's dense {peak_name} peak{'' if peak else ' (unknown here)'}; FLOPs from the layers"
+        name = f"reference recipe: achieved TFLOP/s, {precision}"
+        rows.append(Row(name, "TFLOP/s", device, peak, measured[precision]["tflops"], note, measured[precision]))
+    return rows
+
+
+def member_row(config_path: str, data_dir: Path, quick: bool, device: str) -> Row:
+    """Member 0 of the config trained to early stopping; its epoch lines go to stderr as it trains."""
+    config = recipe_config(Path(config_path), data_dir, quick, ["train.max_epochs=4"] if quick else [])
+    name = Path(config_path).name
+
+    def progress(members: list[Member]) -> None:
+        last = members[0].state.history[-1]
+        metrics = " ".join(f"{key} {last[key]:.4f}" for key in ("loss", "val_loss", "val_accuracy"))
+        harness.log(f"{name} member 0 epoch {last['epoch']}: {metrics} ({last['seconds']:.1f}s)")
+
+    started = time.perf_counter()
+    group, data = train_member_zero(config, progress)
+    state = group.members[0].state
+    summary = {
+        "epochs": state.epochs,
+        "best_epoch": state.best_epoch,
+        "median_epoch_seconds": float(np.median([epoch["seconds"] for epoch in state.history])),
+        "total_seconds": time.perf_counter() - started,
+        "val_accuracy": state.history[state.best_epoch - 1]["val_accuracy"],
+        "holdout_accuracy": float(np.mean(group.predict("holdout")[0].argmax(axis=1) == data.holdout_labels)),
+        "holdout_images": len(data.holdout_labels),
+    }
+    note = (
+        f"{state.epochs} epochs (best {state.best_epoch}), {summary['median_epoch_seconds']:.1f} s per epoch "
+        f"(median), {summary['total_seconds']:.0f} s in all; val accuracy {summary['val_accuracy']:.4f}; "
+        f"holdout of {summary['holdout_images']}; no baseline"
+    )
+    name = f"{name} member 0 to early stopping: holdout accuracy"
+    extra = {"summary": summary, "history": state.history}
+    return Row(name, "accuracy", device, None, summary["holdout_accuracy"], note, extra)
+
+
+def measure_backend(args: argparse.Namespace, data_dir: Path) -> tuple[list[Row], dict[str, str]]:
+    """Every row for the Keras backend of this process, and what it ran on."""
+    # Imported only now, under the backend main chose: they import Keras.
+    import keras
+
+    from benchmarks.groups import group_rows
+    from ensemble.train import configure_backend
+
+    configure_backend(os.cpu_count() or 1)
+    s = QUICK if args.quick else Settings()
+    device, gpu = harness.device_label()
+    images, labels = harness.read_train(data_dir)
+    images, labels = images[: s.images], labels[: s.images]
+    config = harness.width_config(s.width)
+    rows = harness.logged(throughput_rows(images, labels, s, device))
+    rows += harness.logged(group_rows(images, labels, config, s.groups, s.group_steps, s.rounds, device, gpu))
+    if keras.backend.backend() == "jax":
+        from benchmarks.step_profile import profile_rows
+
+        rows += harness.logged(profile_rows(images, labels, config, s.profile_steps, s.rounds, device))
+    rows += harness.logged(sharing_rows(data_dir, s, device))
+    rows += harness.logged(recipe_rows(data_dir, args.quick, device, gpu))
+    if args.member:
+        rows += harness.logged([member_row(args.member, data_dir, args.quick, device)])
+    return rows, {"device": device, "keras": keras.__version__}
+
+
+def in_other_process(args: argparse.Namespace, backend: str, data_dir: Path, scratch: Path) -> tuple[list[Row], dict]:
+    """The same benchmark for `backend`, run by a child process with KERAS_BACKEND set."""
+    out = scratch / f"{backend}.json"
+    command = [sys.executable, "-m", "benchmarks.gpu", "--backends", backend, "--data-dir", str(data_dir)]
+    command += ["--json", str(out), *(["--member", args.member] if args.member else []), *(["--quick"] * args.quick)]
+    env = os.environ | {"KERAS_BACKEND": backend}
+    subprocess.run(command, cwd=harness.REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    document = json.loads(out.read_text())
+    rows = [Row(**{k: v for k, v in row.items() if k not in ("better", "ratio")}) for row in document["rows"]]
+    return rows, document["backends"][backend]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.arguments("python -m benchmarks.gpu", __doc__)
+    parser.add_argument("--backends", help="comma-separated Keras backends to measure (default: those installed)")
+    parser.add_argument("--member", metavar="CONFIG", help="also train member 0 of CONFIG to early stopping")
+    args = parser.parse_args(argv)
+    installed = [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
+    backends = args.backends.split(",") if args.backends else installed
+    if not backends or any(name not in BACKENDS for name in backends):
+        print(f"error: --backends takes jax or tensorflow, comma-separated (installed: {installed})", file=sys.stderr)
+        return 2
+    started, rows, devices = time.perf_counter(), [], {}
+    with tempfile.TemporaryDirectory() as scratch_name:
+        data_dir, source = harness.resolve_data_dir(args.data_dir, Path(scratch_name))
+        for backend in backends:
+            if "keras" not in sys.modules:
+                os.environ["KERAS_BACKEND"] = backend  # read once, when Keras is first imported
+                # JAX would take 75% of the GPU's memory up front: leave most of it to the sharing rows' processes.
+                os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
+            if os.environ.get("KERAS_BACKEND") == backend:
+                backend_rows, devices[backend] = measure_backend(args, data_dir)
+            else:
+                backend_rows, devices[backend] = in_other_process(args, backend, data_dir, Path(scratch_name))
+            rows += backend_rows
+    notes = [f"data: {data_dir} ({source})"]
+    if "tensorflow" in backends:
+        notes.append("the step profile runs on JAX only: none under tensorflow")
+    if args.quick:
+        notes.append("--quick: a smoke test (1/8 width, few steps, a slice of the data), not a measurement")
+    measured_on = "; ".join(f"Keras {info['keras']} on {info['device']}" for info in devices.values())
+    heading = [f"machine: {os.cpu_count()} CPUs; {measured_on}"]
+    meta = {"mode": "quick" if args.quick else "full", "backends": devices}
+    meta |= {"settings": asdict(QUICK if args.quick else Settings()), "total_seconds": time.perf_counter() - started}
+    harness.report(args.json, rows, heading, notes, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

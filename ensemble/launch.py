@@ -1,0 +1,321 @@
+"""Starting Ray and running members on it: what `ensemble.run` and `ensemble.tune` share.
+
+- `setup_environment` and `start_ray`: the process environment both entry points need, set by their
+  `main` (never at import), then Ray: the cluster RAY_ADDRESS names (as `ray job submit` sets it), or a
+  local Ray of this process's own.
+- Resources: what a member asks for (`member_resources`), which members train together in one worker
+  (`plan_groups`: resources.members_per_worker), what each group's worker asks for, and how many groups
+  run at once. A group that no node of the cluster can ever hold stops the run at once (`check_fits`).
+- `tuner`: one Ray Tune trial per group (or per search trial), each of which runs the group as a Ray
+  Train run (ensemble/worker.py), with the run's progress lines (ensemble/progress.py) and a watch on
+  groups that wait for resources (`ResourceWatch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from ensemble.config import ConfigError, ResourcesConfig
+from ensemble.outputs import Storage
+from ensemble.plan import MemberSpec
+
+# A trial only waits on its Ray Train run, whose worker holds the CPUs and GPUs: the trial holds memory alone.
+TRIAL_MEMORY_BYTES = 512 * 1024**2
+WATCH_SECONDS = 5.0  # how often ResourceWatch asks Ray's state API what is pending
+
+
+def setup_environment() -> None:
+    """Environment variables read by TensorFlow and Ray when they start, inherited by a local cluster's processes.
+
+    Fewer TensorFlow C++ info lines in Ray's logs; with --verbose, no second copy of every worker print.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def leave_working_dir() -> None:
+    """Run from the home directory from now on.
+
+    Under `ray job submit --working-dir`, the driver runs inside Ray's copy of the working dir, which Ray
+    deletes once no worker uses it, while the driver may still be running (Tune then fails in
+    os.getcwd()). Call once everything needed from it (config, data, this package's modules) is loaded.
+    """
+    os.chdir(Path.home())
+
+
+def start_ray(verbose: bool) -> None:
+    """Join the cluster RAY_ADDRESS names (as `ray job submit` sets it), else start a local Ray of our own.
+
+    Never the cluster a `ray start` may have left recorded in Ray's temp dir: a local run is local, even
+    when that cluster is dead. Unless verbose, says in one line where Ray's logs are.
+    """
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+    local: dict[str, Any] = {}
+    if not address:
+        # Each group starts several processes at once (Tune trial, Train controller, worker); Ray's default
+        # cap of one starting process per CPU makes them queue, and the raylet warn about it on the console.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * (os.cpu_count() or 1)))
+        # Ray's state API, which Ray Train's placement-group cleaner uses inside the cluster, finds "the"
+        # cluster through the address a `ray start` left in Ray's temp dir, perhaps of a dead cluster: point
+        # it at this run's own dashboard instead (the processes of the local cluster inherit this variable).
+        local["dashboard_port"] = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{local['dashboard_port']}"
+    logging.getLogger("ray.tune").setLevel(logging.INFO if verbose else logging.CRITICAL)  # we report failures
+    if not verbose:
+        # Tune's default output engine prints its config box even at verbose=0; the legacy one is silent.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    context = ray.init(
+        address=address or "local",
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        # Workers' output (TensorFlow's, Ray Train's) stays in Ray's log files; progress comes from reports.
+        log_to_driver=verbose,
+        **local,
+    )
+    if not verbose:
+        logs = os.path.join(context.address_info["session_dir"], "logs")
+        print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def check_reachable(address: str) -> None:
+    """A ConfigError at once if nothing listens at a host:port address, where Ray would retry for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" or a URL: Ray resolves it
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise ConfigError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}); start it "
+            "(ray start --head), point RAY_ADDRESS at a running cluster, or unset RAY_ADDRESS to run locally"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resources
+
+
+@dataclasses.dataclass(frozen=True)
+class Nodes:
+    """The nodes a cluster has, and the kinds of node its autoscaler may add, as Ray resource dicts."""
+
+    alive: list[dict[str, float]]
+    addable: list[dict[str, float]]
+
+    @property
+    def total(self) -> dict[str, float]:
+        """The resources of the alive nodes together."""
+        keys = {key for node in self.alive for key in node}
+        return {key: sum(node.get(key, 0.0) for node in self.alive) for key in keys}
+
+    def largest(self, key: str) -> float:
+        return max((node.get(key, 0.0) for node in self.alive + self.addable), default=0.0)
+
+
+def cluster_nodes() -> Nodes:
+    """This cluster's nodes; with an autoscaler, also the node types it may start."""
+    alive = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    addable = []
+    # The autoscaler (ray up, KubeRay) publishes its node types in Ray's GCS; Ray Train reads them there too,
+    # through this call, which has no public twin.
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None:
+        addable = [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+    return Nodes(alive, addable)
+
+
+def member_resources(config: ResourcesConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """Ray resources of one member; `gpus_per_member: auto` means 1 GPU if the cluster has any."""
+    gpus = config.gpus_per_member
+    if gpus == "auto":
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    return {"CPU": config.cpus_per_member, "GPU": gpus}
+
+
+def group_size(config: ResourcesConfig, members: int, nodes: Nodes) -> int:
+    """How many members train together in one worker (resources.members_per_worker).
+
+    `auto`: the members that share a device. With GPUs, members are spread evenly over the cluster's GPUs
+    (gpus_per_member auto), or as many share a GPU as its fraction allows (gpus_per_member 0.25: 4), or
+    none does (1 or more). On CPUs, members are spread evenly over the nodes, each group on one node's CPUs.
+    """
+    if config.members_per_worker != "auto":
+        return min(members, int(config.members_per_worker))
+    gpus = member_resources(config, nodes.total)["GPU"]
+    if gpus >= 1:
+        return 1
+    if gpus > 0:
+        return min(members, math.floor(1 / gpus + 1e-9))
+    devices = nodes.total.get("GPU", 0) if config.gpus_per_member == "auto" else 0
+    devices = devices or len([node for node in nodes.alive if node.get("CPU", 0) >= config.cpus_per_member]) or 1
+    return math.ceil(members / devices)
+
+
+def group_resources(config: ResourcesConfig, size: int, nodes: Nodes) -> dict[str, float]:
+    """What the worker of a group of `size` members asks for: each member's CPUs, as many as one node has at
+    most, and one device: its members' share of a GPU, a whole GPU at most (a group trains on one device)."""
+    member = member_resources(config, nodes.total)
+    cpus = max(member["CPU"], min(size * member["CPU"], nodes.largest("CPU")))
+    gpus = member["GPU"] if member["GPU"] >= 1 else min(1.0, size * member["GPU"])
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def split_evenly(specs: list[MemberSpec], size: int) -> list[list[MemberSpec]]:
+    """Members in order, in groups of at most `size`, as even as can be: 10 in groups of at most 4 make 4, 3, 3."""
+    count = math.ceil(len(specs) / size)
+    bounds = [round(index * len(specs) / count) for index in range(count + 1)]
+    return [specs[bounds[index] : bounds[index + 1]] for index in range(count)]
+
+
+def describe_groups(members: list[list[MemberSpec]], config: ResourcesConfig, nodes: Nodes) -> list[dict[str, Any]]:
+    """Each group as its Tune trial takes it: {"name", "members" (MemberSpec dicts), "resources" of its worker}."""
+    return [
+        {
+            "name": f"group-{index:02d}" + (f"-round-{group[0].round}" if group[0].round else ""),
+            "members": [dataclasses.asdict(spec) for spec in group],
+            "resources": group_resources(config, len(group), nodes),
+        }
+        for index, group in enumerate(members)
+    ]
+
+
+def check_fits(resources: dict[str, float], nodes: Nodes, what: str) -> None:
+    """A ConfigError, at once, if no node the cluster has or can add holds `resources` (one worker's): Ray would
+    otherwise wait for such a node for ever, in silence. `what` names who asks (a member, a group of 3 members)."""
+    candidates = nodes.alive + nodes.addable
+    if any(all(node.get(key, 0.0) >= amount for key, amount in resources.items()) for node in candidates):
+        return
+    shapes = sorted((node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes.alive)
+    has = "; ".join(f"{cpus:g} CPU, {gpus:g} GPU" for cpus, gpus in shapes)
+    grow = f", and its autoscaler may add nodes of {len(nodes.addable)} kinds" if nodes.addable else ""
+    if resources["GPU"] > nodes.largest("GPU"):
+        largest = nodes.largest("GPU")
+        change = (
+            "set resources.gpus_per_member to 0 or auto"
+            if largest == 0
+            else f"lower resources.gpus_per_member (a node has {largest:g} GPU at most)"
+        )
+    else:
+        change = f"lower resources.cpus_per_member (a node has {nodes.largest('CPU'):g} CPU at most)"
+    raise ConfigError(
+        f"{what} needs {resources['CPU']:g} CPU and {resources['GPU']:g} GPU on one node, but no node of this "
+        f"cluster has that (its nodes: {has}{grow}); {change}"
+    )
+
+
+def parallel_groups(config: ResourcesConfig, resources: dict[str, float], cluster: dict[str, float], count: int) -> int:
+    """How many of `count` groups train at once: the config's cap on members, else as many as the cluster holds."""
+    if config.max_parallel_members is not None:
+        return config.max_parallel_members
+    fits = [math.floor(cluster.get(name, 0) / amount + 1e-9) for name, amount in resources.items() if amount > 0]
+    return max(1, min([count, *fits]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Waiting for resources
+
+
+class ResourceWatch(tune.Stopper):
+    """Says, in one line, what this run's groups wait for once they have waited `seconds` with none running.
+
+    Train runs ask for their workers' resources as placement groups: the run waits while its placement
+    groups are pending and none holds its resources. With an autoscaler a node may still come, and the
+    run keeps waiting; without one nothing will change, and it stops (`stopped` says why).
+    """
+
+    def __init__(self, seconds: float, autoscaling: bool, say: Callable[[str], None]):
+        self.seconds, self.autoscaling, self.say = seconds, autoscaling, say
+        self.job = ray.get_runtime_context().get_job_id()
+        self.waiting_since: float | None = None
+        self.checked = 0.0
+        self.stopped: str | None = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        now = time.monotonic()
+        if self.stopped or now - self.checked < WATCH_SECONDS:
+            return self.stopped is not None
+        self.checked = now
+        pending, holding = self._placement_groups()
+        if not pending or holding:
+            self.waiting_since = None
+            return False
+        self.waiting_since = self.waiting_since or now
+        if now - self.waiting_since < self.seconds:
+            return False
+        free = ray.available_resources()
+        asks = ", ".join(f"a worker of {b.get('CPU', 0):g} CPU and {b.get('GPU', 0):g} GPU" for b in pending)
+        line = (
+            f"members have waited {now - self.waiting_since:.0f} s for {asks}, with nothing running; the cluster "
+            f"has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free"
+        )
+        if self.autoscaling:
+            self.say(f"{line}; waiting for the autoscaler to add a node")
+            self.waiting_since = now  # say it again after another while
+            return False
+        self.stopped = f"{line}, and no autoscaler to add a node (resources.wait_seconds)"
+        return True
+
+    def _placement_groups(self) -> tuple[list[dict[str, float]], bool]:
+        """The bundles of this job's pending worker placement groups, and whether any of them is created."""
+        from ray.util.state import list_placement_groups
+
+        groups = list_placement_groups(filters=[("creator_job_id", "=", self.job)], detail=True)
+        # Tune trials hold memory alone; a Train run's worker group asks for CPUs (and GPUs).
+        workers = [g for g in groups if any(b["unit_resources"].get("CPU", 0) > 0 for b in g.bundles or [])]
+        pending = [g.bundles[0]["unit_resources"] for g in workers if g.state == "PENDING"]
+        return pending, any(g.state == "CREATED" for g in workers)
+
+
+def tuner(
+    trainable: Callable[..., None],
+    parameters: dict[str, Any],
+    storage: Storage,
+    path: str,
+    name: str,
+    callbacks: list[tune.Callback],
+    stop: tune.Stopper,
+    verbose: bool,
+    tune_config: tune.TuneConfig,
+    param_space: dict[str, Any],
+) -> tune.Tuner:
+    """A Tuner of `trainable` (given `parameters` through Ray's object store), its experiment stored at
+    <path>/<name> of `storage`'s filesystem."""
+    return tune.Tuner(
+        trial_trainable(trainable, **parameters),
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=storage.filesystem,
+            callbacks=callbacks,
+            stop=stop,
+            verbose=1 if verbose else 0,
+        ),
+    )
+
+
+def trial_trainable(trainable: Callable[..., None], **parameters: Any) -> Any:
+    """The trainable as Tune runs it: its parameters put in the object store once, and a trial's resources."""
+    return tune.with_resources(tune.with_parameters(trainable, **parameters), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})

@@ -1,0 +1,128 @@
+"""What a run shows while its members train: a line per member per epoch, and on a terminal a live line each.
+
+Epoch lines are printed on the driver from the reports that carry the epochs' checkpoints
+(ensemble/worker.py): Ray Train hands a report to Tune (TuneReportCallback) once its checkpoint is
+registered, so an epoch whose line was printed is never trained again after a crash. On a terminal,
+the workers also post how their members' current epochs advance to a small actor (`ProgressBoard`),
+about once a second, and the driver draws one live line per member below the epoch lines (with rich):
+epoch and step, running loss and accuracy, images per second, and the time left for the member and for
+the run. Off a terminal (CI, `ray job submit` logs, a file) there is no board and no live line, only
+the epoch lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray import tune
+
+POLL_SECONDS = 0.5  # how often the driver reads the board
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Each member's latest progress in its current epoch, as its worker posted it."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, float]] = {}
+
+    def post(self, rows: dict[str, dict[str, float]]) -> None:
+        self.rows.update(rows)
+
+    def read(self) -> dict[str, dict[str, float]]:
+        return self.rows
+
+
+def epoch_line(name: str, metrics: dict[str, Any]) -> str:
+    line = f"{name} epoch {metrics['epoch']}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f}"
+    if "val_loss" in metrics:
+        line += f" val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f}"
+    return f"{line} ({metrics['seconds']:.1f}s)"
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+class Progress(tune.Callback):
+    """The run's progress lines (a Tune callback on the driver), and on a terminal its live lines.
+
+    `name_of(run, member)` names a member's lines from its Train run's name and its own; `epochs` is the
+    epoch budget of every member (the time left assumes no early stop).
+    """
+
+    def __init__(self, name_of: Callable[[str, str], str], epochs: int, live: bool | None = None):
+        self.name_of = name_of
+        self.epochs = epochs
+        self.board = None
+        self.display = None
+        self.finished: set[str] = set()  # members whose group is done: no live line
+        self.read_at = 0.0
+        if sys.stdout.isatty() if live is None else live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self.board = ProgressBoard.remote()
+            self.display = Live(console=Console(), refresh_per_second=4, transient=True)
+            self.display.start()
+
+    def say(self, line: str) -> None:
+        """A line above the live lines (or just a line)."""
+        if self.display is not None:
+            self.display.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run = result.get("run", "")
+        for member, epochs in result.get("resumed", {}).items():
+            if epochs:
+                self.say(f"{self.name_of(run, member)}: resuming after epoch {epochs}")
+        for member, epochs in result.get("epochs", {}).items():
+            for metrics in epochs:
+                self.say(epoch_line(self.name_of(run, member), metrics))
+        if result.get("done"):
+            self.finished.update(self.name_of(run, member) for member in result["members"])
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.board is None or time.monotonic() - self.read_at < POLL_SECONDS:
+            return
+        self.read_at = time.monotonic()
+        try:
+            posted = ray.get(self.board.read.remote(), timeout=5)
+        except ray.exceptions.GetTimeoutError:
+            return
+        rows = {self.name_of(row["run"], row["member"]): row for row in posted.values()}
+        self.display.update(self._render({name: row for name, row in rows.items() if name not in self.finished}))
+
+    def close(self) -> None:
+        if self.display is not None:
+            self.display.stop()
+            self.display = None
+
+    def _render(self, rows: dict[str, dict[str, Any]]) -> Any:
+        from rich.table import Table
+
+        table = Table.grid(padding=(0, 2))
+        left = []
+        for name, row in sorted(rows.items()):
+            per_step = row["seconds"] / max(row["step"], 1)
+            member_left = per_step * ((row["steps"] - row["step"]) + row["steps"] * (self.epochs - row["epoch"]))
+            left.append(member_left)
+            table.add_row(
+                name,
+                f"epoch {row['epoch']}/{self.epochs}",
+                f"step {row['step']}/{row['steps']}",
+                f"loss {row['loss']:.4f}",
+                f"acc {row['accuracy']:.4f}",
+                f"{row['images_per_second']:,.0f} img/s",
+                f"{clock(member_left)} left",
+            )
+        if left:
+            table.add_row("run", "", "", "", "", "", f"{clock(max(left))} left at least")
+        return table

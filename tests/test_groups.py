@@ -1,0 +1,104 @@
+"""Member groups (ensemble/train.py, ensemble/fused.py): members trained together stay the members they would be alone.
+
+In-process, on real digits, under this process's Keras backend (tests/test_backends.py reruns this file
+under the other one). Through Ray: tests/test_end_to_end.py (a group of three) and tests/test_fault_tolerance.py
+(a group's worker killed mid-run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ensemble.config import Config, load_config
+from ensemble.data import EnsembleData, prepare
+from ensemble.plan import plan_members
+from ensemble.train import Group, Member, epoch_batches, new_member
+from ensemble.worker import member_files, restore_members, write_folders
+
+MEMBERS = 3
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[Config, EnsembleData]:
+    overrides = ["data.max_train_rows=1200", "train.max_epochs=3", "train.patience=2", f"ensemble.members={MEMBERS}"]
+    config = load_config("configs/quickstart.yaml", overrides)
+    return config, prepare(config.data)
+
+
+def fresh(config: Config, data: EnsembleData) -> list[Member]:
+    return [new_member(config, spec, data) for spec in plan_members(config.ensemble)]
+
+
+def test_a_group_takes_the_same_first_step_as_each_member_alone(setup) -> None:
+    config, data = setup
+    together, alone = fresh(config, data), fresh(config, data)
+    group = Group(together, config, data)
+    batches = np.stack([epoch_batches(member, 0, config.train.batch_size)[:1] for member in together])
+    fused = group.fused.train_epoch(tuple(range(MEMBERS)), batches)
+    for position, member in enumerate(alone):
+        solo = Group([member], config, data).fused.train_epoch((0,), batches[position : position + 1])
+        # The same loss and the same correct count on the same first batch: same weights, same augmentation draws.
+        np.testing.assert_allclose(fused[position], solo[0], rtol=1e-4)
+    # Each member drew its own batch (its own split and shuffle), and the members started from different weights.
+    assert len({tuple(batch.ravel()) for batch in batches}) == MEMBERS
+    assert len({round(loss, 3) for loss, _ in fused}) == MEMBERS
+
+
+def test_a_group_trains_the_members_three_solo_runs_would(setup) -> None:
+    config, data = setup
+    together = fresh(config, data)
+    Group(together, config, data).train(lambda trained: None)
+    for member, alone in zip(together, fresh(config, data), strict=True):
+        Group([alone], config, data).train(lambda trained: None)
+        assert member.state.epochs == alone.state.epochs and member.state.best_epoch == alone.state.best_epoch
+        # Within noise: 240 validation digits, so a few digits at most (the same weights up to float rounding).
+        grouped, solo = member.state.history[-1]["val_accuracy"], alone.state.history[-1]["val_accuracy"]
+        assert abs(grouped - solo) <= 0.02, (member.spec.name, grouped, solo)
+        assert grouped > 0.3  # chance is 0.1; 13 steps an epoch, not yet good
+
+
+def test_a_member_that_stops_early_keeps_its_best_epoch_while_the_others_train_on(setup, tmp_path: Path) -> None:
+    config, data = setup
+    members = fresh(config, data)
+    stopping = members[1]
+    weights: dict[str, list[np.ndarray]] = {}
+
+    def on_epoch(trained: list[Member]) -> None:
+        epoch = trained[0].state.epochs
+        if epoch == 1:
+            weights["best"] = stopping.model.get_weights()
+            # As if its validation loss had not improved for patience - 1 epochs: epoch 2 cannot beat it.
+            stopping.state.best_loss, stopping.state.wait = 0.0, config.train.patience - 1
+        elif epoch == 2:
+            weights["stopped"] = stopping.model.get_weights()
+        else:
+            assert stopping not in trained
+            weights["while the others trained"] = stopping.model.get_weights()
+
+    trained = Group(members, config, data)
+    trained.train(on_epoch)
+    assert stopping.state.stopped and stopping.state.epochs == 2 and stopping.state.best_epoch == 1
+    assert all(member.state.epochs == 3 for member in members if member is not stopping)
+    steps = len(epoch_batches(stopping, 0, config.train.batch_size))
+    assert int(stopping.model.optimizer.iterations.numpy()) == 2 * steps  # it left the group's step
+    for stopped, later in zip(weights["stopped"], weights["while the others trained"], strict=True):
+        np.testing.assert_array_equal(stopped, later)
+    # It ends with its best epoch's weights, BatchNorm statistics included.
+    for final, best in zip(stopping.model.get_weights(), weights["best"], strict=True):
+        np.testing.assert_array_equal(final, best)
+
+    # Saved as a group checkpoint holds them and restored (a crash before the group's final report): no member
+    # trains again, the stopped one included, and each predicts with its best weights.
+    write_folders(tmp_path, {member.spec.name: member_files(member) for member in members})
+    restored = restore_members(config, [member.spec for member in members], data, tmp_path)
+    group = Group(restored, config, data)
+    group.train(lambda trained: pytest.fail(f"{trained[0].spec.name} trained again"))
+    for final, best in zip(restored[1].model.get_weights(), weights["best"], strict=True):
+        np.testing.assert_array_equal(final, best)
+    holdout = group.predict("holdout")
+    assert holdout.shape == (MEMBERS, len(data.holdout_labels), 10)
+    np.testing.assert_allclose(holdout, trained.predict("holdout"), atol=1e-5)
+    assert all((logits.argmax(1) == data.holdout_labels).mean() > 0.3 for logits in holdout[[0, 2]])

@@ -1,0 +1,61 @@
+"""Every image put to work: members without a validation split, and a second round on pseudo-labelled test images.
+
+The quickstart's digits through the real run: round 0 trains two members on their whole pool; the test images
+its ensemble labels with a probability of at least 0.9 join round 1's training, whose members vote. A crash in
+round 1 costs neither round 0 nor round 1's finished epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .helpers import EnsembleProcess
+
+# Half the quickstart's digits (and test images), to keep the two rounds and the rerun short.
+ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=2000", "--set", "data.max_test_rows=500"]
+ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0"]
+ARGS += ["--set", "train.max_epochs=2", "--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
+ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9"]
+EPOCH = re.compile(r"^(member-\d\d(?:-round-1)?) epoch (\d): loss [\d.]+ accuracy [\d.]+ \([\d.]+s\)$", re.MULTILINE)
+ROUND = re.compile(r"^round 1: (\d+) of 500 test images, labelled by the ensemble of round 0", re.MULTILINE)
+
+
+def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a_crash(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    first = EnsembleProcess(*ARGS, "--output-dir", str(output))
+    first.wait_for(r"^member-01-round-1 epoch 1:")
+    first.kill_everything()
+    assert not (output / "report.json").exists()
+    # Round 0 trained both members for their whole budget, with no validation score to show.
+    assert {match.groups() for match in EPOCH.finditer(first.output)} >= {
+        ("member-00", "1"), ("member-00", "2"), ("member-01", "1"), ("member-01", "2"),
+    }  # fmt: skip
+    added = int(ROUND.search(first.output)[1])
+    assert 250 < added < 500  # most test digits, not all: the rest are less sure
+
+    second = EnsembleProcess(*ARGS, "--output-dir", str(output))
+    assert second.finish() == 0, second.output[-3000:]
+    assert "member-00 epoch" not in second.output and "member-01 epoch" not in second.output  # round 0 kept
+    assert "member-00-round-1: resuming after epoch 1" in second.output
+    assert {match.groups() for match in EPOCH.finditer(second.output)} == {
+        ("member-00-round-1", "2"), ("member-01-round-1", "2"),
+    }  # fmt: skip
+    assert int(ROUND.search(second.output)[1]) == added  # the same labels, from round 0's saved logits
+
+    report = json.loads((output / "report.json").read_text())
+    assert [member["name"] for member in report["members"]] == ["member-00-round-1", "member-01-round-1"]
+    for member in report["members"]:
+        assert member["val_accuracy"] is None and member["best_epoch"] == member["epochs"] == 2
+        assert member["holdout_accuracy"] > 0.7  # chance is 0.1
+    rounds = report["rounds"]
+    assert [entry["round"] for entry in rounds] == [0, 1] and [entry["pseudo_labelled"] for entry in rounds] == [
+        0,
+        added,
+    ]
+    assert rounds[0]["members"] == ["member-00", "member-01"]
+    assert all(entry["holdout_accuracy"] > 0.7 and len(entry["holdout_interval"]) == 2 for entry in rounds)
+    assert rounds[1]["holdout_accuracy"] == report["ensemble"]["holdout_accuracy"]
+    assert "round 1 (2 members, with " in second.output and "n/a" in second.output  # summary: no val accuracy
+    assert len((output / "submission.csv").read_text().splitlines()) == 501
