@@ -61,11 +61,11 @@ class Settings:
 
 # The reference width costs ~20 s of CPU even for a few steps: --quick leaves it out.
 QUICK = Settings(
-    rounds=2,
+    rounds=1,
     ingest_repeats=1,
     augment_batches=8,
     training=((NARROW_WIDTH, 3),),
-    groups=(1, 2),
+    groups=(2,),
     group_steps=3,
     accuracy_images=(1000, 250),
     epochs=3,

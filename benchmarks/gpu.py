@@ -16,7 +16,7 @@ CNN at batch 64, every row against a baseline measured in the same run:
 Cost of the full run on JAX (`--backends jax`, no --member) on one H200: about 4 minutes, estimated, not yet
 timed: about a minute of timed steps at the old benchmark's 1.7 ms a step, the rest compiling some 40 XLA
 programs (the fused groups' grow with K) and starting 8 processes. --member reference.yaml adds about a
-minute. --quick is a smoke test on a CPU (1/8 width, a slice of the data, few steps, K up to 2).
+minute. --quick is a smoke test on a CPU (1/8 width, a slice of the data, few steps, a group of 2 only, a member of 2 epochs).
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ class Settings:
     sharing: tuple[int, ...] = (1, 2, 4, 8)  # processes at once
 
 
+# Every code path once, with as little to compile and run as a 2-core CI machine needs.
 QUICK = Settings(
     width=0.125,
     images=512,
-    rounds=2,
+    rounds=1,
     steps=4,
     eager_steps=2,
-    groups=(1, 2),
+    groups=(2,),
     group_steps=4,
     profile_steps=4,
     sharing=(1, 2),
@@ -209,7 +210,7 @@ def recipe_rows(data_dir: Path, quick: bool, device: str, gpu: str | None) -> li
 
 def member_row(config_path: str, data_dir: Path, quick: bool, device: str) -> Row:
     """Member 0 of the config trained to early stopping; its epoch lines go to stderr as it trains."""
-    config = recipe_config(Path(config_path), data_dir, quick, ["train.max_epochs=4"] if quick else [])
+    config = recipe_config(Path(config_path), data_dir, quick, ["train.max_epochs=2"] if quick else [])
     name = Path(config_path).name
 
     def progress(members: list[Member]) -> None:

@@ -71,6 +71,10 @@ class Progress(tune.Callback):
             self.display = Live(console=Console(), refresh_per_second=4, transient=True)
             self.display.start()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What Tune pickles with its experiment (for a restore): the lines, not this terminal's live display."""
+        return self.__dict__ | {"board": None, "display": None}
+
     def say(self, line: str) -> None:
         """A line above the live lines (or just a line)."""
         if self.display is not None:

@@ -152,10 +152,21 @@ def train_groups(
 ) -> tuple[list[FinishedMember], list[dict[str, str]], str | None]:
     """Run every group (of pseudo-labelling round `number`) through Ray: (finished members, failed members,
     why the run stopped waiting, if it did)."""
+    finished: list[FinishedMember] = []
+    failed: list[dict[str, str]] = []
+    todo = []
+    for group in groups:  # a group done in an earlier start of the run is read back, not launched again
+        folder = final_checkpoint(storage, group["name"])
+        if folder is None:
+            todo.append(group)
+        else:
+            finished += load_group(storage, group, folder)
+    if not todo:
+        return finished, failed, None
     progress = Progress(lambda run, member: member, config.train.max_epochs)
     watch = launch.ResourceWatch(config.resources.wait_seconds, autoscaling=bool(nodes.addable), say=progress.say)
-    largest = max((group["resources"] for group in groups), key=lambda resources: (resources["GPU"], resources["CPU"]))
-    at_once = launch.parallel_groups(config.resources, largest, nodes.total, len(groups))
+    largest = max((group["resources"] for group in todo), key=lambda resources: (resources["GPU"], resources["CPU"]))
+    at_once = launch.parallel_groups(config.resources, largest, nodes.total, len(todo))
     try:
         parameters = {
             "config": config,
@@ -176,22 +187,26 @@ def train_groups(
             stop=watch,
             verbose=verbose,
             tune_config=tune.TuneConfig(max_concurrent_trials=at_once),
-            param_space={"group": tune.grid_search(groups)},
+            param_space={"group": tune.grid_search(todo)},
         )
         results = tuner.fit()
     finally:
         progress.close()
-    finished, failed = [], []
     for result in results:
         group = result.config["group"]
-        specs = [MemberSpec(**member) for member in group["members"]]
         folder = final_checkpoint(storage, group["name"]) if result.error is None else None
         if folder is None:
-            error = result.error or f"did not train: {watch.stopped or 'stopped'}"
-            failed += [{"name": spec.name, "error": str(error).strip().splitlines()[-1]} for spec in specs]
+            error = str(result.error or f"did not train: {watch.stopped or 'stopped'}").strip().splitlines()[-1]
+            failed += [{"name": MemberSpec(**member).name, "error": error} for member in group["members"]]
             continue
-        finished += [load_member(storage, spec, f"{folder}/{spec.name}") for spec in specs]
+        finished += load_group(storage, group, folder)
     return sorted(finished, key=lambda member: member.entry["index"]), failed, watch.stopped
+
+
+def load_group(storage: Storage, group: dict[str, Any], folder: str) -> list[FinishedMember]:
+    """A done group's members, from its final checkpoint's `folder`."""
+    specs = [MemberSpec(**member) for member in group["members"]]
+    return [load_member(storage, spec, f"{folder}/{spec.name}") for spec in specs]
 
 
 def final_checkpoint(storage: Storage, group: str) -> str | None:

@@ -24,7 +24,6 @@ CPU_ROWS = [
     "csv ingest, cache hit",
     "augmentation",
     "training, width 0.125",  # --quick leaves out the reference width
-    "member groups of 1: fused in one step",
     "member groups of 2: fused in one step",
     "time to val accuracy >=",
     "val accuracy after",
@@ -79,13 +78,13 @@ def test_quick_cpu_benchmark_reports_every_row(kaggle_dir: Path, tmp_path: Path)
     assert "python -m benchmarks.gpu" in result.stdout
 
 
-# The GPU benchmark's rows under JAX with --quick (K up to 2) and --member, in order.
+# The GPU benchmark's rows under JAX with --quick (a group of 2) and --member, in order.
 GPU_ROWS = [
     "training img/s: mixed bfloat16",
     "training img/s: XLA off",
     "training img/s: augmentation on the host",
     "training img/s: model alone",
-    *(f"member groups of {k}: {kind}" for k in (1, 2) for kind in ("fused in one step", "vmapped")),
+    *(f"member groups of 2: {kind}" for kind in ("fused in one step", "vmapped")),
     "step profile: augmentation",
     "step profile: forward pass",
     "step profile: backward pass",
@@ -145,7 +144,7 @@ def test_quick_gpu_benchmark_runs_on_jax_without_tensorflow_or_ray(sample, tmp_p
         if row["unit"] in ("img/s", "s", "TFLOP/s", "accuracy"):
             assert row["measured"] > 0, row["name"]
     member = rows[-1]["extra"]["summary"]
-    assert 1 <= member["best_epoch"] <= member["epochs"] <= 4 and member["holdout_accuracy"] > 0.5
+    assert 1 <= member["best_epoch"] <= member["epochs"] <= 2 and member["holdout_accuracy"] > 0.3
 
 
 def test_without_data_writes_the_sample_as_kaggle_csvs(tmp_path: Path, monkeypatch) -> None:
