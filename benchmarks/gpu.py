@@ -16,7 +16,8 @@ CNN at batch 64, every row against a baseline measured in the same run:
 Cost of the full run on JAX (`--backends jax`, no --member) on one H200: about 4 minutes, estimated, not yet
 timed: about a minute of timed steps at the old benchmark's 1.7 ms a step, the rest compiling some 40 XLA
 programs (the fused groups' grow with K) and starting 8 processes. --member reference.yaml adds about a
-minute. --quick is a smoke test on a CPU (1/8 width, a slice of the data, few steps, a group of 2 only, a member of 2 epochs).
+minute. --quick is a smoke test on a CPU (1/8 width, a slice of the data, few steps, a group of 2 only, a
+member of 4 epochs).
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def recipe_rows(data_dir: Path, quick: bool, device: str, gpu: str | None) -> li
 
 def member_row(config_path: str, data_dir: Path, quick: bool, device: str) -> Row:
     """Member 0 of the config trained to early stopping; its epoch lines go to stderr as it trains."""
-    config = recipe_config(Path(config_path), data_dir, quick, ["train.max_epochs=2"] if quick else [])
+    config = recipe_config(Path(config_path), data_dir, quick, ["train.max_epochs=4"] if quick else [])
     name = Path(config_path).name
 
     def progress(members: list[Member]) -> None:

@@ -77,13 +77,22 @@ def start_ray(verbose: bool) -> None:
     if not verbose:
         # Tune's default output engine prints its config box even at verbose=0; the legacy one is silent.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    context = ray.init(
-        address=address or "local",
-        logging_level=logging.INFO if verbose else logging.ERROR,
+    options = {
+        "address": address or "local",
+        "logging_level": logging.INFO if verbose else logging.ERROR,
         # Workers' output (TensorFlow's, Ray Train's) stays in Ray's log files; progress comes from reports.
-        log_to_driver=verbose,
+        "log_to_driver": verbose,
         **local,
-    )
+    }
+    try:
+        context = ray.init(**options)
+    except Exception as error:  # Ray raises a bare Exception here
+        # A local Ray's raylet has 30 s to register, which a loaded machine (a laptop compiling something
+        # else) can miss; a second start, with all the first one left behind shut down, then succeeds.
+        if address or "timed out during startup" not in str(error):
+            raise
+        ray.shutdown()
+        context = ray.init(**options)
     if not verbose:
         logs = os.path.join(context.address_info["session_dir"], "logs")
         print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)

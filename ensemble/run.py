@@ -307,10 +307,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def groups_line(groups: list[dict[str, Any]]) -> str:
     """One line: how the members are grouped, and what each group's worker holds."""
-    sizes = ", ".join(str(len(group["members"])) for group in groups)
+    sizes = sorted({len(group["members"]) for group in groups})
+    each = " each" if len(groups) > 1 else ""
+    members = "/".join(str(size) for size in sizes) + (" member" if sizes == [1] else " members")
     shapes = sorted({(group["resources"]["CPU"], group["resources"]["GPU"]) for group in groups})
     holds = " or ".join(f"{cpu:g} CPU and {gpu:g} GPU" for cpu, gpu in shapes)
-    return f"{len(groups)} worker(s) training {sizes} member(s) each, on {holds} each"
+    return f"members train in {len(groups)} worker{'s' if len(groups) > 1 else ''} of {members}{each}, on {holds}{each}"
 
 
 if __name__ == "__main__":

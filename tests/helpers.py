@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pty
 import re
@@ -12,35 +13,53 @@ import sys
 import termios
 import threading
 import time
+from typing import Any
 
 from .conftest import REPO
 
 ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
+# rich's cursor moves and colours, stripped to read what a terminal shows.
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 # Ray titles a Ray Train worker's process after its actor class.
 TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 
 
 class EnsembleProcess:
-    """`python -m ensemble.run ARGS` in its own session, its output collected line by line."""
+    """`python -m ensemble.run ARGS` in its own session, its output collected line by line.
 
-    def __init__(self, *args: str):
+    With `terminal`, its stdin, stdout and stderr are a pseudo-terminal 120 columns wide, as a person's shell
+    gives it, and the lines are what the terminal shows, rich's cursor moves and colours stripped.
+    """
+
+    def __init__(self, *args: str, terminal: bool = False):
         self.started = time.monotonic()
+        streams: dict = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+        if terminal:
+            leader, follower = pty.openpty()
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+            streams = {"stdin": follower, "stdout": follower, "stderr": follower}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ensemble.run", *args],
             cwd=REPO,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            env=ENV | ({"TERM": "xterm-256color"} if terminal else {}),
             start_new_session=True,  # its own session: a kill can take the driver and its local cluster
+            **streams,
         )
+        if terminal:
+            os.close(follower)
+            source = os.fdopen(leader, "r", errors="replace")
+        else:
+            source = io.TextIOWrapper(self.process.stdout, errors="replace")
         self.lines: list[tuple[float, str]] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader = threading.Thread(target=self._read, args=(source,), daemon=True)
         self.reader.start()
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append((time.monotonic(), line))
+    def _read(self, source: Any) -> None:
+        try:
+            for line in source:
+                self.lines.append((time.monotonic(), TERMINAL_CODES.sub("", line)))
+        except OSError:  # EIO: the process closed its terminal
+            pass
 
     @property
     def output(self) -> str:
@@ -88,37 +107,3 @@ class EnsembleProcess:
             subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], check=False)
             time.sleep(0.5)
         self.reader.join(30)
-
-
-# rich's cursor moves and colours, stripped to read what a terminal shows.
-TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
-
-
-def run_in_terminal(*args: str, columns: int = 120, timeout: float = 900) -> tuple[int, str]:
-    """`python -m ensemble.run ARGS` with a pseudo-terminal as its stdin, stdout and stderr, `columns` wide:
-    (exit code, everything it wrote, terminal codes stripped)."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ensemble.run", *args],
-        cwd=REPO,
-        env=ENV | {"TERM": "xterm-256color"},
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        start_new_session=True,
-    )
-    os.close(follower)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the process closed its terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    code = process.wait(60)
-    return code, TERMINAL_CODES.sub("", b"".join(chunks).decode(errors="replace"))

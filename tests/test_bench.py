@@ -144,7 +144,7 @@ def test_quick_gpu_benchmark_runs_on_jax_without_tensorflow_or_ray(sample, tmp_p
         if row["unit"] in ("img/s", "s", "TFLOP/s", "accuracy"):
             assert row["measured"] > 0, row["name"]
     member = rows[-1]["extra"]["summary"]
-    assert 1 <= member["best_epoch"] <= member["epochs"] <= 2 and member["holdout_accuracy"] > 0.3
+    assert 1 <= member["best_epoch"] <= member["epochs"] <= 4 and member["holdout_accuracy"] > 0.3
 
 
 def test_without_data_writes_the_sample_as_kaggle_csvs(tmp_path: Path, monkeypatch) -> None:

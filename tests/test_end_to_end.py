@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,11 +18,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ensemble.config import load_config
 from ensemble.launch import free_port
+from ensemble.plan import plan_members
 from ensemble.vote import vote
 
 from .conftest import REPO
-from .helpers import run_in_terminal
 
 # The README's quickstart, at 2 of its 8 epochs to keep CI short (members are at 0.94-0.96 by then).
 QUICKSTART = ["--config", "configs/quickstart.yaml", "--set", "train.max_epochs=2"]
@@ -111,8 +113,13 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
     report = json.loads((output / "report.json").read_text())
     members = report["members"]
     assert [member["name"] for member in members] == ["member-00", "member-01", "member-02"]
+    # The plan's members, trained together in one group (alone in their workers: tests/test_pseudo_label.py).
+    plan = plan_members(load_config("configs/quickstart.yaml").ensemble)
+    fields = [field.name for field in dataclasses.fields(plan[0])]
+    assert [{key: member[key] for key in fields} for member in members] == [dataclasses.asdict(s) for s in plan]
     assert len({member["seed"] for member in members}) == 3
     assert [member["strength"] for member in members] == [0.5, 1.0, 1.5]
+    assert len({member["checkpoint"].split("/")[1] for member in members}) == 1  # one worker's run
     for member in members:
         assert 1 <= member["best_epoch"] <= member["epochs"] <= 2
         assert member["val_accuracy"] > 0.8 and member["holdout_accuracy"] > 0.8
@@ -173,59 +180,6 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
     from_png = predict(output, folder, tmp_path / "from-png.csv")
     assert from_png["File"].tolist() == [f"digit-{index:02d}.png" for index in range(10)]
     assert (from_png["Label"].to_numpy() == majority[:10]).sum() >= 8
-
-
-# A live line as rich draws it on a terminal, per member: epoch, step, running loss and accuracy, speed, time left.
-LIVE = re.compile(r"(member-0[01]) +epoch (\d)/2 +step \d+/\d+ +loss [\d.]+ +acc [\d.]+ +[\d,]+ img/s +\d+:\d\d left")
-
-
-def test_quickstart_under_jax_one_member_per_worker_on_a_terminal(quickstart, tmp_path: Path) -> None:
-    """The quickstart's first two members under JAX, each alone in its worker (members_per_worker 1), on a
-    terminal: the same members as the TensorFlow run's group of three, the same files, and live lines."""
-    output = tmp_path / "quickstart-jax"
-    code, shown = run_in_terminal(
-        *QUICKSTART, "--output-dir", str(output), "--set", "train.backend=jax", "--set", "ensemble.members=2",
-        "--set", "resources.members_per_worker=1",
-    )  # fmt: skip
-    assert code == 0, shown[-3000:]
-    report = json.loads((output / "report.json").read_text())
-    assert report["config"]["train"]["backend"] == "jax"
-    assert [member["name"] for member in report["members"]] == ["member-00", "member-01"]
-    assert all(member["holdout_accuracy"] > 0.8 for member in report["members"])  # chance is 0.1
-    assert report["ensemble"]["holdout_accuracy"] > 0.8
-    # Trained alone or in a group, a member is the same member: seeds, split and augmentation strength.
-    reference, _ = quickstart
-    grouped = json.loads((reference / "report.json").read_text())["members"]
-    for alone, together in zip(report["members"], grouped, strict=False):
-        assert {k: alone[k] for k in ("seed", "split_seed", "strength")} == {
-            k: together[k] for k in ("seed", "split_seed", "strength")
-        }
-    assert len({member["checkpoint"].split("/")[1] for member in report["members"]}) == 2  # two workers' runs
-    # Live lines for both members, besides the same epoch lines as off a terminal.
-    assert {match[1] for match in LIVE.finditer(shown)} == {"member-00", "member-01"}, shown[-3000:]
-    assert {line.split(":")[0] for line in shown.splitlines() if PROGRESS.match(line)} == {
-        "member-00 epoch 1", "member-00 epoch 2", "member-01 epoch 1", "member-01 epoch 2",
-    }  # fmt: skip
-    # The same files, in the same formats, as the TensorFlow run (less its third member's).
-    assert layout(output) == {name for name in layout(reference) if "member-02" not in name}
-    lines, rows = read_submission(output / "submission.csv")
-    assert lines[0] == "ImageId,Label" and rows.shape == (1000, 2)
-    np.testing.assert_array_equal(rows[:, 0], np.arange(1, 1001))
-    assert report.keys() == json.loads((reference / "report.json").read_text()).keys()
-    for member in report["members"]:
-        with np.load(output / member["checkpoint"] / "logits.npz") as logits:
-            assert logits["holdout"].shape == (500, 10) and logits["test"].dtype == np.float32
-
-
-def layout(output: Path) -> set[str]:
-    """A run's files, with group, checkpoint and TensorBoard event names reduced to their kind."""
-    names = set()
-    for path in output.rglob("*"):
-        if path.is_file() and "ray" not in path.relative_to(output).parts[:1]:
-            parts = path.relative_to(output).parts
-            kinds = ("checkpoint_*" if p.startswith("checkpoint_") else p for p in parts if ".tfevents." not in p)
-            names.add("/".join("group-*" if p.startswith("group-") else p for p in kinds))
-    return names
 
 
 def predict(run: Path, source: Path, target: Path, *options: str) -> pd.DataFrame:

@@ -1,37 +1,47 @@
 """Every image put to work: members without a validation split, and a second round on pseudo-labelled test images.
 
-The quickstart's digits through the real run: round 0 trains two members on their whole pool; the test images
-its ensemble labels with a probability of at least 0.9 join round 1's training, whose members vote. A crash in
-round 1 costs neither round 0 nor round 1's finished epochs.
+Half the quickstart's digits through the real run, under JAX, on a terminal, each member alone in its worker:
+round 0 trains two members on their whole pool; the test images its ensemble labels with a probability of at
+least 0.9 join round 1's training, whose members vote. A crash in round 1 costs neither round 0 nor round 1's
+finished epochs. (Members trained together, under TensorFlow and off a terminal: tests/test_end_to_end.py.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
+from ensemble.config import load_config
+from ensemble.plan import plan_members
+
 from .helpers import EnsembleProcess
 
-# Half the quickstart's digits (and test images), to keep the two rounds and the rerun short.
 ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=2000", "--set", "data.max_test_rows=500"]
-ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0"]
-ARGS += ["--set", "train.max_epochs=2", "--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
-ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9"]
+ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0", "--set", "train.max_epochs=2"]
+ARGS += ["--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
+ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9", "--set", "train.backend=jax"]
+ARGS += ["--set", "resources.members_per_worker=1"]
 EPOCH = re.compile(r"^(member-\d\d(?:-round-1)?) epoch (\d): loss [\d.]+ accuracy [\d.]+ \([\d.]+s\)$", re.MULTILINE)
 ROUND = re.compile(r"^round 1: (\d+) of 500 test images, labelled by the ensemble of round 0", re.MULTILINE)
+# A live line as rich draws it on a terminal: epoch, step, running loss and accuracy, speed, time left.
+LIVE = re.compile(r"(member-0[01]) +epoch \d/2 +step \d+/\d+ +loss [\d.]+ +acc [\d.]+ +[\d,]+ img/s +\d+:\d\d left")
 
 
 def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a_crash(tmp_path: Path) -> None:
     output = tmp_path / "run"
-    first = EnsembleProcess(*ARGS, "--output-dir", str(output))
+    first = EnsembleProcess(*ARGS, "--output-dir", str(output), terminal=True)
     first.wait_for(r"^member-01-round-1 epoch 1:")
     first.kill_everything()
     assert not (output / "report.json").exists()
-    # Round 0 trained both members for their whole budget, with no validation score to show.
+    # Round 0 trained both members, each in a worker of its own, for their whole budget, with no validation
+    # score to show; on a terminal, a live line each as they went.
+    assert "members train in 2 workers of 1 member each, on 1 CPU and 0 GPU each" in first.output
     assert {match.groups() for match in EPOCH.finditer(first.output)} >= {
         ("member-00", "1"), ("member-00", "2"), ("member-01", "1"), ("member-01", "2"),
     }  # fmt: skip
+    assert {match[1] for match in LIVE.finditer(first.output)} == {"member-00", "member-01"}, first.output[-3000:]
     added = int(ROUND.search(first.output)[1])
     assert 250 < added < 500  # most test digits, not all: the rest are less sure
 
@@ -45,15 +55,19 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     assert int(ROUND.search(second.output)[1]) == added  # the same labels, from round 0's saved logits
 
     report = json.loads((output / "report.json").read_text())
+    assert report["config"]["train"]["backend"] == "jax"
+    # The members are the plan's, alone in their workers as in a group: seeds, splits, strengths.
+    plan = plan_members(load_config("configs/quickstart.yaml", ["ensemble.members=2"]).ensemble)
+    fields = [field.name for field in dataclasses.fields(plan[0])]
+    assert [{key: member[key] for key in fields} for member in report["members"]] == [
+        dataclasses.asdict(dataclasses.replace(spec, round=1)) for spec in plan
+    ]
     assert [member["name"] for member in report["members"]] == ["member-00-round-1", "member-01-round-1"]
     for member in report["members"]:
         assert member["val_accuracy"] is None and member["best_epoch"] == member["epochs"] == 2
         assert member["holdout_accuracy"] > 0.7  # chance is 0.1
     rounds = report["rounds"]
-    assert [entry["round"] for entry in rounds] == [0, 1] and [entry["pseudo_labelled"] for entry in rounds] == [
-        0,
-        added,
-    ]
+    assert [(entry["round"], entry["pseudo_labelled"]) for entry in rounds] == [(0, 0), (1, added)]
     assert rounds[0]["members"] == ["member-00", "member-01"]
     assert all(entry["holdout_accuracy"] > 0.7 and len(entry["holdout_interval"]) == 2 for entry in rounds)
     assert rounds[1]["holdout_accuracy"] == report["ensemble"]["holdout_accuracy"]
