@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -168,13 +169,17 @@ def group_size(config: ResourcesConfig, members: int, nodes: Nodes) -> int:
     """
     if config.members_per_worker != "auto":
         return min(members, int(config.members_per_worker))
-    gpus = member_resources(config, nodes.total)["GPU"]
+    gpus = config.gpus_per_member
+    if gpus == "auto":
+        devices = math.floor(nodes.total.get("GPU", 0))
+        if devices:
+            return math.ceil(members / devices)
+        gpus = 0.0
     if gpus >= 1:
         return 1
     if gpus > 0:
         return min(members, math.floor(1 / gpus + 1e-9))
-    devices = nodes.total.get("GPU", 0) if config.gpus_per_member == "auto" else 0
-    devices = devices or len([node for node in nodes.alive if node.get("CPU", 0) >= config.cpus_per_member]) or 1
+    devices = len([node for node in nodes.alive if node.get("CPU", 0) >= config.cpus_per_member]) or 1
     return math.ceil(members / devices)
 
 
@@ -190,8 +195,10 @@ def group_resources(config: ResourcesConfig, size: int, nodes: Nodes) -> dict[st
 def split_evenly(specs: list[MemberSpec], size: int) -> list[list[MemberSpec]]:
     """Members in order, in groups of at most `size`, as even as can be: 10 in groups of at most 4 make 4, 3, 3."""
     count = math.ceil(len(specs) / size)
-    bounds = [round(index * len(specs) / count) for index in range(count + 1)]
-    return [specs[bounds[index] : bounds[index + 1]] for index in range(count)]
+    small, larger = divmod(len(specs), count)
+    sizes = [small + 1] * larger + [small] * (count - larger)
+    starts = itertools.accumulate(sizes, initial=0)  # one start more than sizes
+    return [specs[start : start + length] for start, length in zip(starts, sizes, strict=False)]
 
 
 def describe_groups(members: list[list[MemberSpec]], config: ResourcesConfig, nodes: Nodes) -> list[dict[str, Any]]:

@@ -157,10 +157,11 @@ def test_job_submit_as_the_readme_shows_it(cluster: Cluster) -> None:
     report = json.loads((output / "report.json").read_text())
     members = report["members"]
     assert [member["name"] for member in members] == ["member-00", "member-01"]
-    # gpus_per_member auto: a whole GPU each where the cluster has GPUs. Only node B has one, so both
-    # members ran there, one after the other, TensorFlow starting with CUDA_VISIBLE_DEVICES naming Ray's
-    # GPU 0, which does not exist on this machine; the driver ran on the head.
-    assert most_at_once(members) == 1
+    # gpus_per_member and members_per_worker auto: the members that share a GPU train in one group. Only
+    # node B has one, so both members trained there together, TensorFlow starting with CUDA_VISIBLE_DEVICES
+    # naming Ray's GPU 0, which does not exist on this machine; the driver ran on the head.
+    assert most_at_once(members) == 2
+    assert json.loads((output / "groups.json").read_text()) == [[0, 1]]
     assert len({member["node_id"] for member in members}) == 1
     assert all(member["gpus"] == ["0"] for member in members)
     assert all(member["val_accuracy"] > 0.3 for member in members)  # chance is 0.1; 36 steps in all
@@ -183,17 +184,19 @@ def most_at_once(members: list[dict]) -> int:
     return peak
 
 
-def test_half_a_gpu_each_trains_two_members_at_once(cluster: Cluster) -> None:
-    """(A whole GPU each, gpus_per_member auto, is the job above: one at a time.)"""
+def test_half_a_gpu_each_in_workers_of_their_own_trains_two_members_at_once(cluster: Cluster) -> None:
+    """(Members in one group on a GPU is the job above.)"""
     output = cluster.base / "visible" / "gpus-0.5"
     result = cluster.ensemble_run(
         output, "--set", "resources.gpus_per_member=0.5", "--set", "resources.cpus_per_member=0.5",
+        "--set", "resources.members_per_worker=1",
         "--set", "ensemble.members=2", "--set", "train.max_epochs=1", "--set", "data.max_train_rows=600",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     members = json.loads((output / "report.json").read_text())["members"]
+    assert json.loads((output / "groups.json").read_text()) == [[0], [1]]
     assert most_at_once(members) == 2
-    # Only node B has a GPU: both members ran there, sharing Ray's GPU 0.
+    # Only node B has a GPU: both members ran there, each in its own worker, sharing Ray's GPU 0.
     assert len({member["node_id"] for member in members}) == 1
     assert all(member["gpus"] == ["0"] for member in members)
 

@@ -19,7 +19,10 @@ from .conftest import REPO
 from .helpers import EnsembleProcess
 
 # The quickstart on a slice of its digits: each epoch a few seconds, members that learn well above chance.
+# At 11 steps an epoch, BatchNorm's moving statistics must follow the batches at once: at the quickstart's
+# 0.9 they still hold most of their initial values after two epochs, and validation sits at chance.
 SMALL = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=1000", "--set", "train.patience=10"]
+SMALL += ["--set", "model.bn_momentum=0.6"]
 
 
 def checkpoint_files(group_dir: Path) -> dict[str, bytes]:
@@ -82,8 +85,8 @@ def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_pat
     assert optimizer["learning_rate"]["class_name"] == "CosineDecay"
     with np.load(output / member["checkpoint"] / "logits.npz") as logits:
         assert logits["holdout"].dtype == logits["test"].dtype == np.float32
-        # Three epochs on 700 training digits: well above chance (0.1), not yet good (0.5 to 0.8 seen).
-        assert (logits["holdout"].argmax(1) == np.load(output / "holdout.npz")["labels"]).mean() > 0.3
+        # Three epochs on 700 training digits: well above chance (0.1), not yet good (0.85 to 0.91 seen).
+        assert (logits["holdout"].argmax(1) == np.load(output / "holdout.npz")["labels"]).mean() > 0.6
 
     # The weighted vote, cross-validated on the holdout, and test-time augmentation, member by member.
     assert ensemble["vote"] == "weighted" and len(ensemble["weights"]) == 2

@@ -1,9 +1,10 @@
 """Every image put to work: members without a validation split, and a second round on pseudo-labelled test images.
 
-Half the quickstart's digits through the real run, under JAX, on a terminal, each member alone in its worker:
-round 0 trains two members on their whole pool; the test images its ensemble labels with a probability of at
+Half the quickstart's digits through the real run, under JAX, on a terminal, the two members in one group:
+round 0 trains them on their whole pool; the test images its ensemble labels with a probability of at
 least 0.9 join round 1's training, whose members vote. A crash in round 1 costs neither round 0 nor round 1's
-finished epochs. (Members trained together, under TensorFlow and off a terminal: tests/test_end_to_end.py.)
+finished epochs. (Under TensorFlow and off a terminal: tests/test_end_to_end.py; members in workers of their own:
+tests/test_cluster_job.py.)
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=200
 ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0", "--set", "train.max_epochs=2"]
 ARGS += ["--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
 ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9", "--set", "train.backend=jax"]
-ARGS += ["--set", "resources.members_per_worker=1"]
 EPOCH = re.compile(r"^(member-\d\d(?:-round-1)?) epoch (\d): loss [\d.]+ accuracy [\d.]+ \([\d.]+s\)$", re.MULTILINE)
 ROUND = re.compile(r"^round 1: (\d+) of 500 test images, labelled by the ensemble of round 0", re.MULTILINE)
 # A live line as rich draws it on a terminal: epoch, step, running loss and accuracy, speed, time left.
@@ -35,9 +35,9 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     first.wait_for(r"^member-01-round-1 epoch 1:")
     first.kill_everything()
     assert not (output / "report.json").exists()
-    # Round 0 trained both members, each in a worker of its own, for their whole budget, with no validation
-    # score to show; on a terminal, a live line each as they went.
-    assert "members train in 2 workers of 1 member each, on 1 CPU and 0 GPU each" in first.output
+    # Round 0 trained both members, together on this machine's cores, for their whole budget, with no
+    # validation score to show; on a terminal, a live line each as they went.
+    assert "members train in 1 worker of 2 members, on 2 CPU and 0 GPU" in first.output
     assert {match.groups() for match in EPOCH.finditer(first.output)} >= {
         ("member-00", "1"), ("member-00", "2"), ("member-01", "1"), ("member-01", "2"),
     }  # fmt: skip
@@ -56,7 +56,7 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
 
     report = json.loads((output / "report.json").read_text())
     assert report["config"]["train"]["backend"] == "jax"
-    # The members are the plan's, alone in their workers as in a group: seeds, splits, strengths.
+    # The members are the plan's: seeds, splits, strengths.
     plan = plan_members(load_config("configs/quickstart.yaml", ["ensemble.members=2"]).ensemble)
     fields = [field.name for field in dataclasses.fields(plan[0])]
     assert [{key: member[key] for key in fields} for member in report["members"]] == [
