@@ -197,8 +197,8 @@ def split_evenly(specs: list[MemberSpec], size: int) -> list[list[MemberSpec]]:
     count = math.ceil(len(specs) / size)
     small, larger = divmod(len(specs), count)
     sizes = [small + 1] * larger + [small] * (count - larger)
-    starts = itertools.accumulate(sizes, initial=0)  # one start more than sizes
-    return [specs[start : start + length] for start, length in zip(starts, sizes, strict=False)]
+    starts = itertools.accumulate(sizes[:-1], initial=0)
+    return [specs[start : start + length] for start, length in zip(starts, sizes, strict=True)]
 
 
 def describe_groups(members: list[list[MemberSpec]], config: ResourcesConfig, nodes: Nodes) -> list[dict[str, Any]]:

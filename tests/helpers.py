@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import io
 import os
@@ -14,6 +15,9 @@ import termios
 import threading
 import time
 from typing import Any
+
+from ensemble.config import load_config
+from ensemble.plan import plan_members
 
 from .conftest import REPO
 
@@ -107,3 +111,11 @@ class EnsembleProcess:
             subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], check=False)
             time.sleep(0.5)
         self.reader.join(30)
+
+
+def planned_and_reported(report: dict, overrides: list[str], round: int = 0) -> tuple[list[dict], list[dict]]:
+    """(the members configs/quickstart.yaml with `overrides` plans, as of pseudo-labelling `round`; the same fields
+    of report.json's members): seeds, splits, strengths, equal where the run trained the plan's members."""
+    plan = plan_members(load_config("configs/quickstart.yaml", overrides).ensemble)
+    planned = [dataclasses.asdict(dataclasses.replace(spec, round=round)) for spec in plan]
+    return planned, [{key: member[key] for key in planned[0]} for member in report["members"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -18,12 +17,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ensemble.config import load_config
 from ensemble.launch import free_port
-from ensemble.plan import plan_members
 from ensemble.vote import vote
 
 from .conftest import REPO
+from .helpers import planned_and_reported
 
 # The README's quickstart, at 2 of its 8 epochs to keep CI short (members are at 0.94-0.96 by then).
 QUICKSTART = ["--config", "configs/quickstart.yaml", "--set", "train.max_epochs=2"]
@@ -113,10 +111,9 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
     report = json.loads((output / "report.json").read_text())
     members = report["members"]
     assert [member["name"] for member in members] == ["member-00", "member-01", "member-02"]
-    # The plan's members, trained together in one group (alone in their workers: tests/test_pseudo_label.py).
-    plan = plan_members(load_config("configs/quickstart.yaml").ensemble)
-    fields = [field.name for field in dataclasses.fields(plan[0])]
-    assert [{key: member[key] for key in fields} for member in members] == [dataclasses.asdict(s) for s in plan]
+    # The plan's members, trained together in one group (alone in their workers: tests/test_cluster_job.py).
+    planned, reported = planned_and_reported(report, [])
+    assert reported == planned
     assert len({member["seed"] for member in members}) == 3
     assert [member["strength"] for member in members] == [0.5, 1.0, 1.5]
     assert len({member["checkpoint"].split("/")[1] for member in members}) == 1  # one worker's run

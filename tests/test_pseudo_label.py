@@ -9,15 +9,11 @@ tests/test_cluster_job.py.)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 
-from ensemble.config import load_config
-from ensemble.plan import plan_members
-
-from .helpers import EnsembleProcess
+from .helpers import EnsembleProcess, planned_and_reported
 
 ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=2000", "--set", "data.max_test_rows=500"]
 ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0", "--set", "train.max_epochs=2"]
@@ -57,11 +53,8 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     report = json.loads((output / "report.json").read_text())
     assert report["config"]["train"]["backend"] == "jax"
     # The members are the plan's: seeds, splits, strengths.
-    plan = plan_members(load_config("configs/quickstart.yaml", ["ensemble.members=2"]).ensemble)
-    fields = [field.name for field in dataclasses.fields(plan[0])]
-    assert [{key: member[key] for key in fields} for member in report["members"]] == [
-        dataclasses.asdict(dataclasses.replace(spec, round=1)) for spec in plan
-    ]
+    planned, reported = planned_and_reported(report, ["ensemble.members=2"], round=1)
+    assert reported == planned
     assert [member["name"] for member in report["members"]] == ["member-00-round-1", "member-01-round-1"]
     for member in report["members"]:
         assert member["val_accuracy"] is None and member["best_epoch"] == member["epochs"] == 2
