@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray import tune
 
-POLL_SECONDS = 0.5  # how often the driver reads the board
+POLL_SECONDS = 1.0  # how often the driver reads the board and redraws: as often as the workers post to it
 
 
 @ray.remote(num_cpus=0)
@@ -68,7 +68,8 @@ class Progress(tune.Callback):
             from rich.live import Live
 
             self.board = ProgressBoard.remote()
-            self.display = Live(console=Console(), refresh_per_second=4, transient=True)
+            # Drawn when the board is read, not on a timer of its own: the driver shares the cores with training.
+            self.display = Live(console=Console(), auto_refresh=False, transient=True)
             self.display.start()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -102,7 +103,8 @@ class Progress(tune.Callback):
         except ray.exceptions.GetTimeoutError:
             return
         rows = {self.name_of(row["run"], row["member"]): row for row in posted.values()}
-        self.display.update(self._render({name: row for name, row in rows.items() if name not in self.finished}))
+        rows = {name: row for name, row in rows.items() if name not in self.finished}
+        self.display.update(self._render(rows), refresh=True)
 
     def close(self) -> None:
         if self.display is not None:
@@ -110,9 +112,14 @@ class Progress(tune.Callback):
             self.display = None
 
     def _render(self, rows: dict[str, dict[str, Any]]) -> Any:
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table.grid(padding=(0, 2))
+        # A member's line fits an 80-column terminal; a narrower one cuts cells short rather than wrapping them.
+        table = Table.grid(padding=(0, 1))
+        for _ in range(7):
+            table.add_column(no_wrap=True)
         left = []
         for name, row in sorted(rows.items()):
             per_step = row["seconds"] / max(row["step"], 1)
@@ -127,6 +134,4 @@ class Progress(tune.Callback):
                 f"{row['images_per_second']:,.0f} img/s",
                 f"{clock(member_left)} left",
             )
-        if left:
-            table.add_row("run", "", "", "", "", "", f"{clock(max(left))} left at least")
-        return table
+        return Group(table, Text(f"run: {clock(max(left))} left at least")) if left else table

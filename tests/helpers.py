@@ -31,8 +31,8 @@ TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 class EnsembleProcess:
     """`python -m ensemble.run ARGS` in its own session, its output collected line by line.
 
-    With `terminal`, its stdin, stdout and stderr are a pseudo-terminal 120 columns wide, as a person's shell
-    gives it, and the lines are what the terminal shows, rich's cursor moves and colours stripped.
+    With `terminal`, its stdin, stdout and stderr are a pseudo-terminal of 80 columns, a terminal's default,
+    and the lines are what the terminal shows, rich's cursor moves and colours stripped.
     """
 
     def __init__(self, *args: str, terminal: bool = False):
@@ -40,7 +40,7 @@ class EnsembleProcess:
         streams: dict = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         if terminal:
             leader, follower = pty.openpty()
-            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
             streams = {"stdin": follower, "stdout": follower, "stderr": follower}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ensemble.run", *args],
