@@ -244,17 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     s = QUICK if args.quick else Settings()
     configure_backend(os.cpu_count() or 1)
     started = time.perf_counter()
+    record = harness.Record(args.json, {"mode": "quick" if args.quick else "full"})
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         data_dir, source = harness.resolve_data_dir(args.data_dir, scratch)
         harness.log(f"csv ingest from {data_dir}")
-        rows = harness.logged(ingest_rows(kaggle_files(data_dir), s.ingest_repeats, scratch))
+        record.add(ingest_rows(kaggle_files(data_dir), s.ingest_repeats, scratch))
         images, labels = harness.read_train(data_dir, scratch / "cache-0")  # a cache hit
-    rows += harness.logged([augment_row(images, labels, s)])
-    rows += harness.logged([training_row(images, labels, width, steps, s) for width, steps in s.training])
+    record.add([augment_row(images, labels, s)])
+    record.add(training_row(images, labels, width, steps, s) for width, steps in s.training)
     group_config = harness.width_config(NARROW_WIDTH)
-    rows += harness.logged(group_rows(images, labels, group_config, s.groups, s.group_steps, s.rounds, "cpu"))
-    rows += harness.logged(accuracy_rows(images, labels, s))
+    record.add(group_rows(images, labels, group_config, s.groups, s.group_steps, s.rounds, "cpu"))
+    record.add(accuracy_rows(images, labels, s))
     notes = [f"data: {data_dir} ({source})"]
     if args.quick:
         notes.append("--quick: a smoke test (few steps, narrow width only, a tiny slice), not a measurement")
@@ -264,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     backend = keras.backend.backend()
     heading = [f"machine: {os.cpu_count()} CPUs, Keras {keras.__version__} on {backend}, measured on the CPU"]
-    meta = {"mode": "quick" if args.quick else "full", "keras": keras.__version__, "backend": backend}
-    meta |= {"data_dir": str(data_dir), "data_source": source, "train_images": len(images), "settings": asdict(s)}
-    harness.report(args.json, rows, heading, notes, meta | {"total_seconds": time.perf_counter() - started})
+    meta = {"keras": keras.__version__, "backend": backend, "data_dir": str(data_dir), "data_source": source}
+    meta |= {"train_images": len(images), "settings": asdict(s), "total_seconds": time.perf_counter() - started}
+    record.report(heading, notes, meta)
     return 0
 
 

@@ -1,22 +1,27 @@
 """GPU benchmark: how fast members train on one GPU, with Keras alone (no TensorFlow needed, no Ray).
 
-    python -m benchmarks.gpu [--backends jax,tensorflow] [--member CONFIG] [--data-dir DIR] [--quick] [--json OUT]
+    python -m benchmarks.gpu [--backends jax,tensorflow] [--only SECTIONS] [--groups 1,2,4,10] [--member CONFIG]
+                             [--data-dir DIR] [--quick] [--json OUT]
 
 Each Keras backend installed (or named by --backends) is measured by a process of its own, on the reference
-CNN at batch 64, every row against a baseline measured in the same run:
-- one member's throughput against the package's trainer (a one-member FusedGroup: float32, XLA, images on the
+CNN, every row against a baseline measured in the same run. Its sections, in this order (--only picks some):
+- groups: member groups of K = --groups (default 1, 2, 4, 8, 10), largest first, at batch 64 in float32: the K
+  members unrolled in one step (the package's), vmapped and mapped over their stacked variables (JAX), against
+  the same work one member at a time (benchmarks/groups.py), with each program's compile seconds and the share
+  of the GPU's bf16 peak;
+- settings: the largest group at batch 128 and 512, in float32 and mixed bfloat16, the same three ways;
+- profile: where one training step's time goes, part by part (JAX only: benchmarks/step_profile.py);
+- throughput: one member against the package's trainer (a one-member FusedGroup: float32, XLA, images on the
   device, augmentation inside the step): mixed bfloat16; XLA off (model.fit, jit_compile=False); augmentation on
   the host (the seed's ImageDataGenerator feeding model.fit); the model alone (one batch, no augmentation);
-- member groups of K = 1, 2, 4, 8, 10 (benchmarks/groups.py), with the share of the GPU's bf16 peak;
-- where one training step's time goes, part by part (JAX only: benchmarks/step_profile.py);
-- K = 2, 4, 8 members at once, each training in its own process, against one process alone;
-- one epoch of configs/reference.yaml through ensemble.train's Group, float32 against mixed bfloat16, and the
-  TFLOP/s each achieves against the GPU's peak (training FLOPs counted from the layers);
-- with --member CONFIG, member 0 of CONFIG trained to early stopping by a Group of one, as a Ray worker does.
-Cost of the full run on JAX (`--backends jax`, no --member) on one H200: about 4 minutes, estimated, not yet
-timed: about a minute of timed steps at the old benchmark's 1.7 ms a step, the rest compiling some 40 XLA
-programs (the fused groups' grow with K) and starting 8 processes. --member reference.yaml adds about a
-minute. --quick is a smoke test on a CPU (1/8 width, a slice of the data, few steps, a group of 2 only, a
+- recipe: one epoch of configs/reference.yaml through ensemble.train's Group, float32 against mixed bfloat16,
+  and the TFLOP/s each achieves against the GPU's peak (training FLOPs counted from the layers);
+- sharing: K = 2, 4, 8 members at once, each training in its own process, against one process alone;
+- member (with --member CONFIG): member 0 of CONFIG trained to early stopping by a Group of one, as a Ray
+  worker does.
+Every row goes to the JSON file as soon as it is measured, so a run cut short keeps what it measured. Cost on
+one H200 not yet timed; the groups' programs grow with K, and the unrolled group of 10 compiles the longest.
+--quick is a smoke test on a CPU (1/8 width, a slice of the data, few steps, a group of 2 only, one setting, a
 member of 4 epochs).
 """
 
@@ -31,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks import harness
+from benchmarks.groups import SETTINGS
 from benchmarks.harness import Row
 from ensemble.config import Config, command_line_overrides, load_config
 
@@ -47,6 +53,8 @@ if TYPE_CHECKING:
     from ensemble.train import Group, Member
 
 BACKENDS = ("jax", "tensorflow")
+# In the order they run: the most wanted first, so that a run cut short has measured those.
+SECTIONS = ("groups", "settings", "profile", "throughput", "recipe", "sharing", "member")
 REFERENCE_CONFIG = harness.REPO / "configs" / "reference.yaml"
 BASELINE = "float32, XLA, augmentation in the step (the package's trainer)"
 # A process of the sharing rows: `python -c CHILD DATA_DIR WIDTH IMAGES STEPS`.
@@ -63,7 +71,8 @@ class Settings:
     steps: int = 200  # per round: one member's throughput, and each process of the sharing rows
     eager_steps: int = 10  # XLA off: every op dispatched on its own, far slower
     groups: tuple[int, ...] = (1, 2, 4, 8, 10)  # member groups of K
-    group_steps: int = 50  # per member and round
+    group_steps: int = 50  # per member and round, at batch 64 (fewer at larger batches: the same images)
+    group_settings: tuple[tuple[int, str], ...] = SETTINGS  # (batch size, precision) of the largest group
     profile_steps: int = 100  # per part and round
     sharing: tuple[int, ...] = (1, 2, 4, 8)  # processes at once
 
@@ -77,6 +86,7 @@ QUICK = Settings(
     eager_steps=2,
     groups=(2,),
     group_steps=4,
+    group_settings=((128, "mixed_bfloat16"),),
     profile_steps=4,
     sharing=(1, 2),
 )
@@ -241,38 +251,53 @@ def member_row(config_path: str, data_dir: Path, quick: bool, device: str) -> Ro
     return Row(name, "accuracy", device, None, summary["holdout_accuracy"], note, extra)
 
 
-def measure_backend(args: argparse.Namespace, data_dir: Path) -> tuple[list[Row], dict[str, str]]:
-    """Every row for the Keras backend of this process, and what it ran on."""
+def measure_backend(args: argparse.Namespace, data_dir: Path, record: harness.Record) -> dict[str, str]:
+    """Every row of the chosen sections for the Keras backend of this process, into `record`; what it ran on."""
     # Imported only now, under the backend main chose: they import Keras.
     import keras
 
-    from benchmarks.groups import group_rows
+    from benchmarks.groups import group_rows, setting_rows
     from ensemble.train import configure_backend
 
     configure_backend(os.cpu_count() or 1)
-    s = QUICK if args.quick else Settings()
+    s = settings(args)
     device, gpu = harness.device_label()
     images, labels = harness.read_train(data_dir)
     images, labels = images[: s.images], labels[: s.images]
     config = harness.width_config(s.width)
-    rows = harness.logged(throughput_rows(images, labels, s, device))
-    rows += harness.logged(group_rows(images, labels, config, s.groups, s.group_steps, s.rounds, device, gpu))
+    sections: dict[str, Callable[[], Iterable[Row]]] = {
+        "groups": lambda: group_rows(images, labels, config, s.groups, s.group_steps, s.rounds, device, gpu),
+        "settings": lambda: setting_rows(
+            images, labels, config, max(s.groups), s.group_settings, s.group_steps, s.rounds, device, gpu
+        ),
+        "throughput": lambda: throughput_rows(images, labels, s, device),
+        "sharing": lambda: sharing_rows(data_dir, s, device),
+        "recipe": lambda: recipe_rows(data_dir, args.quick, device, gpu),
+        "member": lambda: [member_row(args.member, data_dir, args.quick, device)] if args.member else [],
+    }
     if keras.backend.backend() == "jax":
         from benchmarks.step_profile import profile_rows
 
-        rows += harness.logged(profile_rows(images, labels, config, s.profile_steps, s.rounds, device))
-    rows += harness.logged(sharing_rows(data_dir, s, device))
-    rows += harness.logged(recipe_rows(data_dir, args.quick, device, gpu))
-    if args.member:
-        rows += harness.logged([member_row(args.member, data_dir, args.quick, device)])
-    return rows, {"device": device, "keras": keras.__version__}
+        sections["profile"] = lambda: profile_rows(images, labels, config, s.profile_steps, s.rounds, device)
+    for name in SECTIONS:
+        if name in args.only and name in sections:
+            record.add(sections[name]())
+    return {"device": device, "keras": keras.__version__}
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    """How much this run measures: --quick's or a full run's, with the group sizes --groups names."""
+    chosen = QUICK if args.quick else Settings()
+    return replace(chosen, groups=args.groups) if args.groups else chosen
 
 
 def in_other_process(args: argparse.Namespace, backend: str, data_dir: Path, scratch: Path) -> tuple[list[Row], dict]:
     """The same benchmark for `backend`, run by a child process with KERAS_BACKEND set."""
     out = scratch / f"{backend}.json"
     command = [sys.executable, "-m", "benchmarks.gpu", "--backends", backend, "--data-dir", str(data_dir)]
-    command += ["--json", str(out), *(["--member", args.member] if args.member else []), *(["--quick"] * args.quick)]
+    command += ["--json", str(out), "--only", ",".join(args.only), *(["--quick"] * args.quick)]
+    command += [*(["--member", args.member] if args.member else [])]
+    command += [*(["--groups", ",".join(map(str, args.groups))] if args.groups else [])]
     env = os.environ | {"KERAS_BACKEND": backend}
     subprocess.run(command, cwd=harness.REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     document = json.loads(out.read_text())
@@ -280,9 +305,27 @@ def in_other_process(args: argparse.Namespace, backend: str, data_dir: Path, scr
     return rows, document["backends"][backend]
 
 
+def comma_list(kind: Callable[[str], Any], allowed: tuple[str, ...] = ()) -> Callable[[str], tuple]:
+    """An argparse type: a comma-separated list of `kind`, each in `allowed` where that is given."""
+
+    def parse(text: str) -> tuple:
+        values = tuple(kind(item) for item in text.split(",") if item)
+        if not values or any(allowed and value not in allowed for value in values):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a comma-separated list{' of ' if allowed else ''}{', '.join(allowed)}"
+            )
+        return values
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = harness.arguments("python -m benchmarks.gpu", __doc__)
     parser.add_argument("--backends", help="comma-separated Keras backends to measure (default: those installed)")
+    parser.add_argument(
+        "--only", type=comma_list(str, SECTIONS), default=SECTIONS, help=f"sections to run ({','.join(SECTIONS)})"
+    )
+    parser.add_argument("--groups", type=comma_list(int), help="member group sizes K (default 1,2,4,8,10)")
     parser.add_argument("--member", metavar="CONFIG", help="also train member 0 of CONFIG to early stopping")
     args = parser.parse_args(argv)
     installed = [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
@@ -290,19 +333,20 @@ def main(argv: list[str] | None = None) -> int:
     if not backends or any(name not in BACKENDS for name in backends):
         print(f"error: --backends takes jax or tensorflow, comma-separated (installed: {installed})", file=sys.stderr)
         return 2
-    started, rows, devices = time.perf_counter(), [], {}
+    started, devices = time.perf_counter(), {}
+    record = harness.Record(args.json, {"mode": "quick" if args.quick else "full", "sections": list(args.only)})
     with tempfile.TemporaryDirectory() as scratch_name:
         data_dir, source = harness.resolve_data_dir(args.data_dir, Path(scratch_name))
         for backend in backends:
             if "keras" not in sys.modules:
                 os.environ["KERAS_BACKEND"] = backend  # read once, when Keras is first imported
-                # JAX would take 75% of the GPU's memory up front: leave most of it to the sharing rows' processes.
-                os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
+                if "sharing" in args.only:  # JAX takes 75% of the GPU up front: leave most to those processes
+                    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.2")
             if os.environ.get("KERAS_BACKEND") == backend:
-                backend_rows, devices[backend] = measure_backend(args, data_dir)
+                devices[backend] = measure_backend(args, data_dir, record)
             else:
-                backend_rows, devices[backend] = in_other_process(args, backend, data_dir, Path(scratch_name))
-            rows += backend_rows
+                rows, devices[backend] = in_other_process(args, backend, data_dir, Path(scratch_name))
+                record.add(rows)
     notes = [f"data: {data_dir} ({source})"]
     if "tensorflow" in backends:
         notes.append("the step profile runs on JAX only: none under tensorflow")
@@ -310,9 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("--quick: a smoke test (1/8 width, few steps, a slice of the data), not a measurement")
     measured_on = "; ".join(f"Keras {info['keras']} on {info['device']}" for info in devices.values())
     heading = [f"machine: {os.cpu_count()} CPUs; {measured_on}"]
-    meta = {"mode": "quick" if args.quick else "full", "backends": devices}
-    meta |= {"settings": asdict(QUICK if args.quick else Settings()), "total_seconds": time.perf_counter() - started}
-    harness.report(args.json, rows, heading, notes, meta)
+    meta = {"backends": devices, "settings": asdict(settings(args)), "total_seconds": time.perf_counter() - started}
+    # Which of the frameworks a GPU machine may lack this process imported: none is needed.
+    meta["imported"] = sorted({name.split(".")[0] for name in sys.modules} & {"tensorflow", "ray"})
+    record.report(heading, notes, meta)
     return 0
 
 

@@ -1,16 +1,25 @@
-"""Member groups: K members trained together in one compiled step, against the same K one after another.
+"""Member groups: K members trained together in one compiled program, against the same work one member at a time.
 
-Candidates, on the same K members (all at augmentation strength 1) and the same batches:
-- one after another (the baseline): each member alone, in its own one-member step of the package's trainer;
-- fused: the K members' steps unrolled in one FusedGroup.train_epoch call (ensemble/fused.py), as a group trains;
-- vmapped (JAX only): one member's stateless step, jax.vmap-ed over the K members' stacked variables, jitted.
-They run in alternating rounds; each row gives the aggregate img/s of K members, and on a known GPU the share of
-its bf16 peak that rate reaches.
+On the same K members (all at augmentation strength 1) and the same batches, in alternating rounds:
+- one after another (every row's baseline): one member's own step, the package's one-member program that a
+  member in a worker of its own runs, K times over on the K members' batches: the work of K members trained
+  one after another, at the cost of one compile;
+- unrolled: the K members' steps unrolled in one FusedGroup.train_epoch call (ensemble/fused.py), as a group
+  trains;
+- vmapped (JAX only): ensemble.fused.jax_member_step, jax.vmap-ed over the K members' stacked variables
+  (trainable, non-trainable with the augmentation's random state, and the optimizer's), jitted;
+- mapped (JAX only): the same step under jax.lax.map over the stacked members: one member at a time inside one
+  program, which does not grow with K.
+`group_rows` yields each K's rows as soon as they are measured, largest K first; `setting_rows` yields the
+largest group's at other batch sizes and precisions. Each row gives the aggregate img/s, the seconds its
+program and the baseline's took to compile (first call beyond a timed round), and on a known GPU the share of
+its bf16 peak that the rate reaches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import keras
@@ -19,37 +28,92 @@ import numpy as np
 from benchmarks import harness
 from benchmarks.harness import Row
 from ensemble.config import Config
-from ensemble.fused import FusedGroup, fused_group
+from ensemble.fused import FusedGroup, fused_group, jax_member_step, jax_variables
+
+BASELINE = "one after another"
+VARIANTS = {
+    "unrolled": "unrolled in one step (the package's)",
+    "vmapped": "jax.vmap over the stacked members",
+    "mapped": "jax.lax.map over the stacked members",
+}
+# (batch size, precision) of the largest group's setting rows, beside the config's own batch in float32.
+SETTINGS = ((128, "float32"), (512, "float32"), (128, "mixed_bfloat16"), (512, "mixed_bfloat16"))
 
 
-def vmapped_trainer(fused: FusedGroup, models: list[keras.Model], batches: np.ndarray) -> Callable[[], None]:
-    """JAX: the members' steps as one batched step, over `batches` (members, steps, batch).
+def stacked_trainer(fused: FusedGroup, models: list[keras.Model], batches: np.ndarray, how: str) -> Callable[[], None]:
+    """JAX: the members' steps as one program over their stacked variables, on `batches` (members, steps, batch).
 
-    The step is the package's own for one member (ensemble.fused's, on the first model as a template), vmapped
-    over the members' variables stacked along a new first axis: trainable, non-trainable (with the
-    augmentation's random state, so each member draws its own) and the optimizer's.
+    `how` is "vmapped" (jax.vmap: each layer batched over the members) or "mapped" (jax.lax.map: a loop over
+    the members inside the program). The first model stands for all: they share their layers' shapes.
     """
     import jax
     import jax.numpy as jnp
 
     template = models[0]
 
-    def variables(model: keras.Model) -> tuple[list, list, list]:
-        groups = model.trainable_variables, model.non_trainable_variables, model.optimizer.variables
-        return tuple([variable.value for variable in group] for group in groups)
+    def values(model: keras.Model) -> tuple[list, ...]:
+        return tuple([variable.value for variable in group] for group in jax_variables(model))
 
-    state = [jax.tree.map(lambda *values: jnp.stack(values), *(variables(model) for model in models))]
-    step = jax.jit(jax.vmap(lambda state, indices: fused._member_step(template, state, indices)), donate_argnums=0)
+    def one(state: tuple, images: Any, labels: Any, indices: Any) -> tuple[tuple, Any]:
+        return jax_member_step(template, state, images, labels, indices)
+
+    def mapped(states: tuple, images: Any, labels: Any, indices: Any) -> tuple[tuple, Any]:
+        return jax.lax.map(lambda pair: one(pair[0], images, labels, pair[1]), (states, indices))
+
+    step = jax.vmap(one, in_axes=(0, None, None, 0)) if how == "vmapped" else mapped
+    compiled = jax.jit(step, donate_argnums=0)
+    state = [jax.tree.map(lambda *member_values: jnp.stack(member_values), *map(values, models))]
     indices = jnp.asarray(batches, jnp.int32)
 
     def train() -> None:
         totals: Any = 0
         for index in range(indices.shape[1]):
-            state[0], step_totals = step(state[0], indices[:, index])
+            state[0], step_totals = compiled(state[0], fused.images, fused.labels, indices[:, index])
             totals = totals + step_totals
         np.asarray(totals)  # waits for the last step, as train_epoch does
 
     return train
+
+
+def candidates_for(k: int, fused: FusedGroup, batches: np.ndarray) -> dict[str, Callable[[], object]]:
+    """The baseline and every variant this backend has, for the first k of the group's members."""
+    candidates: dict[str, Callable[[], object]] = {
+        BASELINE: lambda: [fused.train_epoch((0,), batches[i : i + 1]) for i in range(k)],
+        "unrolled": lambda: fused.train_epoch(tuple(range(k)), batches[:k]),
+    }
+    if keras.backend.backend() == "jax":
+        candidates |= {how: stacked_trainer(fused, fused.models[:k], batches[:k], how) for how in ("vmapped", "mapped")}
+    return candidates
+
+
+def measured_rows(
+    label: str, candidates: dict[str, Callable[[], object]], images: int, rounds: int, device: str, peak: float | None
+) -> list[Row]:
+    """Rows of every variant against the baseline, each candidate training `images` per round; `peak` is the
+    images per second at the GPU's bf16 peak (images_per_peak)."""
+    first: dict[str, float] = {}
+    seconds = harness.alternate(candidates, rounds, first)
+    rates = {name: harness.median_rate(images, seconds[name]) for name in candidates}
+    compiling = {name: round(harness.compile_seconds(first[name], seconds[name]), 2) for name in candidates}
+    fastest = max(rates, key=rates.__getitem__)
+    rows = []
+    for kind in [name for name in candidates if name != BASELINE]:
+        share = f"; {100 * rates[kind] / peak:.1f}% of the bf16 peak" if peak else ""
+        note = (
+            f"baseline: the same work one member at a time (one member's step); median of {rounds} rounds; compiling "
+            f"{compiling[kind]:.1f} s (baseline {compiling[BASELINE]:.1f} s); fastest: {fastest}{share}"
+        )
+        extra = {"rates": rates, "compile_seconds": compiling, "fastest": fastest, "round_seconds": seconds[kind]}
+        rows.append(
+            Row(f"{label}: {VARIANTS[kind]}, aggregate", "img/s", device, rates[BASELINE], rates[kind], note, extra)
+        )
+    return rows
+
+
+def images_per_peak(model: keras.Model, gpu: str | None) -> float | None:
+    """Images per second that would reach the GPU's bf16 peak (None where the peak is unknown)."""
+    peak = harness.peak_tflops(gpu, "mixed_bfloat16")
+    return peak * 1e12 / (harness.TRAINING_FLOPS_PER_FORWARD * harness.forward_flops(model)) if peak else None
 
 
 def group_rows(
@@ -61,34 +125,40 @@ def group_rows(
     rounds: int,
     device: str,
     gpu: str | None = None,
-) -> list[Row]:
+) -> Iterator[Row]:
+    """Each K of `counts`, largest first, at the config's batch size and precision."""
     batch, largest = config.train.batch_size, max(counts)
     harness.log(f"member groups of {', '.join(map(str, counts))}: {rounds} rounds of {steps} steps each")
     members = harness.new_members(config, harness.pool_data(images, labels), harness.specs(*[1.0] * largest))
-    models = [member.model for member in members]
-    fused = fused_group(models, images, labels)
+    fused = fused_group([member.model for member in members], images, labels)
     batches = harness.random_batches(largest, steps, batch, len(images))
-    kinds = {"fused": "fused in one step"}
-    candidates = {f"alone {i}": lambda i=i: fused.train_epoch((i,), batches[i : i + 1]) for i in range(largest)}
-    candidates |= {f"fused {k}": lambda k=k: fused.train_epoch(tuple(range(k)), batches[:k]) for k in counts}
-    if keras.backend.backend() == "jax":
-        kinds["vmapped"] = "vmapped (jax.vmap of one member's step)"
-        candidates |= {f"vmapped {k}": vmapped_trainer(fused, models[:k], batches[:k]) for k in counts}
-    seconds = harness.alternate(candidates, rounds)
-    flops = harness.TRAINING_FLOPS_PER_FORWARD * harness.forward_flops(models[0])  # per image
-    peak = harness.peak_tflops(gpu, "mixed_bfloat16")
-    rows = []
-    for k in counts:
-        # One after another: the first k members' own steps, timed in the same rounds, end to end.
-        sequential = [sum(seconds[f"alone {i}"][r] for i in range(k)) for r in range(rounds)]
-        rates = {"one after another": harness.median_rate(k * steps * batch, sequential)}
-        rates |= {kind: harness.median_rate(k * steps * batch, seconds[f"{kind} {k}"]) for kind in kinds}
-        fastest = max(rates, key=rates.__getitem__)
-        where = f"{steps} steps each, width {config.model.width:g}, median of {rounds} rounds; fastest: {fastest}"
-        for kind, description in kinds.items():
-            share = f"; {100 * rates[kind] * flops / (peak * 1e12):.1f}% of the bf16 peak" if peak else ""
-            note = f"baseline: the same {k} one after another, each in its own one-member step; {where}{share}"
-            extra = {"rates": rates, "fastest": fastest, "round_seconds": seconds[f"{kind} {k}"]}
-            name = f"member groups of {k}: {description}, aggregate"
-            rows.append(Row(name, "img/s", device, rates["one after another"], rates[kind], note, extra))
-    return rows
+    peak = images_per_peak(fused.models[0], gpu)
+    for k in sorted(counts, reverse=True):
+        label = f"member groups of {k} (batch {batch}, {config.train.precision}, width {config.model.width:g})"
+        yield from measured_rows(label, candidates_for(k, fused, batches), k * steps * batch, rounds, device, peak)
+
+
+def setting_rows(
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: Config,
+    k: int,
+    settings: tuple[tuple[int, str], ...],
+    steps: int,
+    rounds: int,
+    device: str,
+    gpu: str | None = None,
+) -> Iterator[Row]:
+    """The group of k at each (batch size, precision) of `settings`, with about the same images per round."""
+    for batch, precision in settings:
+        changed = replace(config, train=replace(config.train, batch_size=batch, precision=precision))
+        batch_steps = max(1, steps * config.train.batch_size // batch)
+        harness.log(f"a group of {k} at batch {batch}, {precision}: {rounds} rounds of {batch_steps} steps")
+        members = harness.new_members(changed, harness.pool_data(images, labels), harness.specs(*[1.0] * k))
+        fused = fused_group([member.model for member in members], images, labels)
+        batches = harness.random_batches(k, batch_steps, batch, len(images))
+        label = f"member groups of {k} (batch {batch}, {precision}, width {config.model.width:g})"
+        peak = images_per_peak(fused.models[0], gpu)
+        yield from measured_rows(
+            label, candidates_for(k, fused, batches), k * batch_steps * batch, rounds, device, peak
+        )

@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,11 +59,37 @@ def log(message: str) -> None:
     print(f"[benchmarks {time.perf_counter() - STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def logged(rows: list[Row]) -> list[Row]:
-    """Each finished row on the progress log too: a run cut short still shows what it measured."""
-    for row in rows:
-        log(f"row: {row.name}: {row.measured} against {row.baseline} {row.unit} ({row.note})")
-    return rows
+class Record:
+    """The rows measured so far. Each row goes to the progress log and, with the whole record, to the JSON
+    file as soon as it is measured: a run cut short (a device call's time limit) keeps every finished row."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path, self.meta, self.rows = path, meta, []
+
+    def add(self, rows: Iterable[Row]) -> None:
+        """Record `rows`, which a generator may yield one by one as it measures them."""
+        for row in rows:
+            log(f"row: {row.name}: {row.measured} against {row.baseline} {row.unit} ({row.note})")
+            self.rows.append(row)
+            self.write({"finished": False})
+
+    def write(self, extra: dict[str, Any]) -> None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+        machine = {"cpu_count": os.cpu_count(), "cpu_model": models[0] if models else platform.processor()}
+        machine |= {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__}
+        document = {"machine": machine, **self.meta, **extra, "rows": [row.to_dict() for row in self.rows]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(document, indent=2) + "\n")
+        partial.replace(self.path)  # never half a file, even if the run is killed while writing
+
+    def report(self, heading: list[str], notes: list[str], meta: dict[str, Any]) -> None:
+        """The table on stdout; the rows, the machine, `notes` and `meta` in the JSON file, marked finished."""
+        print(format_table(self.rows, heading, notes), flush=True)
+        self.meta |= meta
+        self.write({"finished": True, "notes": notes})
+        log(f"results written to {self.path}")
 
 
 def format_value(value: float | None, unit: str) -> str:
@@ -89,19 +115,6 @@ def format_table(rows: list[Row], heading: list[str], notes: list[str]) -> str:
     return "\n".join([*heading, explained, "", *lines, "", *(f"note: {note}" for note in notes)])
 
 
-def report(path: Path, rows: list[Row], heading: list[str], notes: list[str], meta: dict[str, Any]) -> None:
-    """The table on stdout; the rows, the machine, `notes` and `meta` in the JSON file at `path`."""
-    print(format_table(rows, heading, notes), flush=True)
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    machine = {"cpu_count": os.cpu_count(), "cpu_model": models[0] if models else platform.processor()}
-    machine |= {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__}
-    document = {"machine": machine, **meta, "notes": notes, "rows": [row.to_dict() for row in rows]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    log(f"results written to {path}")
-
-
 def arguments(prog: str, description: str) -> argparse.ArgumentParser:
     """The options both benchmarks take; each adds its own."""
     parser = argparse.ArgumentParser(prog=prog, description=description.splitlines()[0])
@@ -119,16 +132,25 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def alternate(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+def alternate(
+    candidates: dict[str, Callable[[], object]], rounds: int, first: dict[str, float] | None = None
+) -> dict[str, list[float]]:
     """Each candidate once untimed (it compiles, caches warm up), then `rounds` timed rounds of all of them in
-    turn: anything else slowing a shared machine slows them all alike."""
-    for run in candidates.values():
-        run()
+    turn: anything else slowing a shared machine slows them all alike. `first` gets the untimed calls' seconds."""
+    for name, run in candidates.items():
+        seconds_first = timed(run)
+        if first is not None:
+            first[name] = seconds_first
     seconds: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
             seconds[name].append(timed(run))
     return seconds
+
+
+def compile_seconds(first: float, rounds: list[float]) -> float:
+    """What a candidate's first call took beyond a timed round's median: its programs' compiling, mostly."""
+    return max(0.0, first - float(np.median(rounds)))
 
 
 def median_rate(images: int, seconds: list[float]) -> float:

@@ -24,7 +24,7 @@ from keras import ops
 from benchmarks import harness
 from benchmarks.harness import Row
 from ensemble.config import Config
-from ensemble.fused import fused_group
+from ensemble.fused import fused_group, jax_member_step, jax_variables
 from ensemble.model import compile_model
 
 
@@ -70,48 +70,53 @@ def profile_rows(
     [member] = harness.new_members(config, harness.pool_data(images, labels), harness.specs(1.0))
     model = member.model
     bare = without_batchnorm_relu(model, config)
-    group, bare_group = fused_group([model], images, labels), fused_group([bare], images, labels)
+    group = fused_group([model], images, labels)
     batches = harness.random_batches(1, steps, batch, len(images))
     indices = [jnp.asarray(rows, jnp.int32) for rows in batches[0]]  # on the device before the clock starts
     trainable, non_trainable = values(model.trainable_variables), values(model.non_trainable_variables)
     augment = model.get_layer("augment")
 
-    def loss(trainable: list, non_trainable: list, rows: Any) -> tuple[Any, list]:
-        x, y = ops.take(group.images, rows, axis=0), ops.take(group.labels, rows, axis=0)
+    # The images and labels are arguments of every part, as of the package's programs: never closed-over constants.
+    data = (group.images, group.labels)
+
+    def loss(trainable: list, non_trainable: list, rows: Any, images: Any, labels: Any) -> tuple[Any, list]:
+        x, y = ops.take(images, rows, axis=0), ops.take(labels, rows, axis=0)
         logits, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
         return model.loss(y, logits), non_trainable
 
-    def augmentation(carry: tuple, rows: Any) -> tuple:
-        images, random_state = augment.stateless_call([], carry[1], ops.take(group.images, rows, axis=0), training=True)
-        return images, random_state
+    def augmentation(carry: tuple, rows: Any, images: Any, labels: Any) -> tuple:
+        augmented, random_state = augment.stateless_call([], carry[1], ops.take(images, rows, axis=0), training=True)
+        return augmented, random_state
 
-    def forward(carry: tuple, rows: Any, trainable: list) -> tuple:
-        value, non_trainable = loss(trainable, carry[0], rows)
+    def forward(carry: tuple, rows: Any, images: Any, labels: Any, trainable: list) -> tuple:
+        value, non_trainable = loss(trainable, carry[0], rows, images, labels)
         return non_trainable, value
 
-    def forward_backward(carry: tuple, rows: Any, trainable: list) -> tuple:
-        (_, non_trainable), grads = jax.value_and_grad(loss, has_aux=True)(trainable, carry[0], rows)
+    def forward_backward(carry: tuple, rows: Any, images: Any, labels: Any, trainable: list) -> tuple:
+        (_, non_trainable), grads = jax.value_and_grad(loss, has_aux=True)(trainable, carry[0], rows, images, labels)
         return non_trainable, grads
 
-    def step(group: Any, model: keras.Model) -> Callable[[], None]:
-        variables = model.trainable_variables, model.non_trainable_variables, model.optimizer.variables
-        return per_batch(
-            lambda state, rows: group._member_step(model, state, rows)[0], tuple(map(values, variables)), indices
-        )
+    def step(model: keras.Model) -> Callable[[], None]:
+        state = tuple(map(values, jax_variables(model)))
+
+        def part(state: tuple, rows: Any, images: Any, labels: Any) -> tuple:
+            return jax_member_step(model, state, images, labels, rows)[0]
+
+        return per_batch(part, state, indices, *data)
 
     host_batch = images[:batch]
     empty, scalar = jax.jit(lambda x: x + 1), jnp.zeros(())
     parts = {
         "package": lambda: group.train_epoch((0,), batches),
         "augmentation": per_batch(
-            augmentation, (jnp.zeros(host_batch.shape), values(augment.non_trainable_variables)), indices
+            augmentation, (jnp.zeros(host_batch.shape), values(augment.non_trainable_variables)), indices, *data
         ),
-        "forward": per_batch(forward, (non_trainable, jnp.zeros(())), indices, trainable),
+        "forward": per_batch(forward, (non_trainable, jnp.zeros(())), indices, *data, trainable),
         "forward and backward": per_batch(
-            forward_backward, (non_trainable, [jnp.zeros_like(v) for v in trainable]), indices, trainable
+            forward_backward, (non_trainable, [jnp.zeros_like(v) for v in trainable]), indices, *data, trainable
         ),
-        "step": step(group, model),
-        "bare step": step(bare_group, bare),
+        "step": step(model),
+        "bare step": step(bare),
         "empty call": lambda: [empty(scalar).block_until_ready() for _ in range(steps)],
         "host to device": lambda: [jax.device_put(host_batch).block_until_ready() for _ in range(steps)],
     }

@@ -15,7 +15,10 @@ XLA (or TensorFlow's graph executor) schedules as a whole.
   members' variables in place, each member under its own GradientTape.
 
 A compiled step is made once for each set of members that trains together; a member that stops
-early leaves the set, and the rest get a step without it.
+early leaves the set, and the rest get a step without it. The image and label arrays are arguments
+of every compiled program, never closed over: JAX embeds a closed-over array in the program as a
+constant (some 55 MB for Kaggle's train and test images), which makes every compile slower. Each
+program's first call, where it is traced and compiled, is timed into `FusedGroup.compiles`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ class FusedGroup:
         self.labels = ops.convert_to_tensor(labels.astype(np.int32))
         self._train_steps: dict[tuple[int, ...], Any] = {}
         self._forwards: dict[tuple[int, ...], Any] = {}
+        # One entry per compiled program: {"program": "train step" or "forward", "members", "seconds"}.
+        self.compiles: list[dict[str, Any]] = []
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent so far in the first calls of this group's programs (tracing and compiling)."""
+        return sum(entry["seconds"] for entry in self.compiles)
 
     def train_epoch(
         self, members: tuple[int, ...], batches: np.ndarray, on_progress: StepProgress | None = None
@@ -54,13 +64,13 @@ class FusedGroup:
         """
         step = self._train_steps.get(members)
         if step is None:
-            step = self._train_steps[members] = self._compile_train_step(members)
+            step = self._train_steps[members] = self._timed(self._compile_train_step(members), "train step", members)
         batches = ops.convert_to_tensor(batches.astype(np.int32))
         totals = ops.zeros((len(members), 2))
         last_report = time.monotonic()
         self._begin(members)
         for index in range(batches.shape[1]):
-            totals = totals + step(batches[:, index])
+            totals = totals + step(self.images, self.labels, batches[:, index])
             if on_progress is not None and time.monotonic() - last_report >= PROGRESS_SECONDS:
                 on_progress(index + 1, np.asarray(ops.convert_to_numpy(totals), np.float64))
                 last_report = time.monotonic()
@@ -72,16 +82,32 @@ class FusedGroup:
         by `shift` pixels (test-time augmentation views); inference mode, from the models' current weights."""
         forward = self._forwards.get(members)
         if forward is None:
-            forward = self._forwards[members] = self._compile_forward(members)
-        return ops.convert_to_numpy(
-            forward(ops.convert_to_tensor(indices.astype(np.int32)), ops.convert_to_tensor(shift, "float32"))
-        )
+            forward = self._forwards[members] = self._timed(self._compile_forward(members), "forward", members)
+        indices, shift = ops.convert_to_tensor(indices.astype(np.int32)), ops.convert_to_tensor(shift, "float32")
+        return ops.convert_to_numpy(forward(self.images, indices, shift))
 
-    def _shifted(self, indices: Any, shift: Any) -> Any:
-        batch = ops.cast(ops.take(self.images, indices, axis=0), "float32")
-        return transform_images(batch, shift_matrices(ops.shape(batch)[0], shift[0], shift[1]))
+    def _timed(self, program: Callable[..., Any], name: str, members: tuple[int, ...]) -> Callable[..., Any]:
+        """`program`, with the seconds of its first call at each shape of its arguments (where it is traced and
+        compiled for that shape) added to `compiles`.
 
-    # Per backend ------------------------------------------------------------------------------------
+        Under JAX that call returns once the program is compiled and its work dispatched, before the work is
+        done; under TensorFlow it includes that one call's work.
+        """
+        shapes_seen = set()
+
+        def call(*args: Any) -> Any:
+            shapes = tuple(tuple(ops.shape(arg)) for arg in args)
+            if shapes in shapes_seen:
+                return program(*args)
+            shapes_seen.add(shapes)
+            started = time.perf_counter()
+            result = program(*args)
+            self.compiles.append({"program": name, "members": len(members), "seconds": time.perf_counter() - started})
+            return result
+
+        return call
+
+    # Per backend: programs taking (images, labels, batches) and (images, indices, shift) -----------------
 
     def _compile_train_step(self, members: tuple[int, ...]) -> Any:
         raise NotImplementedError
@@ -96,14 +122,56 @@ class FusedGroup:
         """After an epoch's steps (JAX: write that state back into the Keras variables)."""
 
 
+def shifted_images(images: Any, indices: Any, shift: Any) -> Any:
+    """The images at `indices`, as float32, moved by `shift` (dx, dy) pixels: a test-time augmentation view."""
+    batch = ops.cast(ops.take(images, indices, axis=0), "float32")
+    return transform_images(batch, shift_matrices(ops.shape(batch)[0], shift[0], shift[1]))
+
+
 def _member_loss(model: keras.Model, labels: Any, logits: Any, losses: Sequence[Any]) -> Any:
     """The compiled loss, plus the layers' own (L2) losses."""
     loss = model.loss(labels, logits)
     return loss + ops.sum(ops.stack(losses)) if losses else loss
 
 
-def _correct(labels: Any, logits: Any) -> Any:
-    return ops.sum(ops.cast(ops.argmax(logits, axis=-1) == labels, "float32"))
+def _totals(labels: Any, logits: Any, loss: Any) -> Any:
+    """[loss sum, correct count] of one member's batch."""
+    correct = ops.sum(ops.cast(ops.argmax(logits, axis=-1) == labels, "float32"))
+    return ops.stack([loss * ops.cast(ops.shape(labels)[0], "float32"), correct])
+
+
+def jax_member_step(model: keras.Model, state: tuple, images: Any, labels: Any, indices: Any) -> tuple[tuple, Any]:
+    """One member's training step under JAX, as a pure function: (trainable, non-trainable, optimizer
+    variables) and a batch of image indices in, the new variables and the batch's [loss sum, correct] out.
+
+    `model` supplies the computation alone (its layers, loss and optimizer), so one model can stand for many
+    members whose variables are stacked (benchmarks/groups.py vmaps and maps it over members).
+    """
+    import jax
+
+    trainable, non_trainable, optimizer_variables = state
+    x = ops.take(images, indices, axis=0)
+    y = ops.take(labels, indices, axis=0)
+
+    def scaled_loss(trainable: list, non_trainable: list) -> tuple[Any, tuple]:
+        logits, non_trainable, losses = model.stateless_call(
+            trainable, non_trainable, x, training=True, return_losses=True
+        )
+        loss = _member_loss(model, y, logits, losses)
+        # Mixed float16 scales the loss (LossScaleOptimizer); its scale is one of the optimizer's variables.
+        mapping = list(zip(model.optimizer.variables, optimizer_variables, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            scaled = model.optimizer.scale_loss(loss)
+        return scaled, (loss, logits, non_trainable)
+
+    (_, (loss, logits, non_trainable)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(trainable, non_trainable)
+    trainable, optimizer_variables = model.optimizer.stateless_apply(optimizer_variables, grads, trainable)
+    return (trainable, non_trainable, optimizer_variables), _totals(y, logits, loss)
+
+
+def jax_variables(model: keras.Model) -> tuple[list, list, list]:
+    """A model's (trainable, non-trainable, optimizer) variables, the state jax_member_step takes."""
+    return model.trainable_variables, model.non_trainable_variables, model.optimizer.variables
 
 
 class _JaxGroup(FusedGroup):
@@ -111,60 +179,31 @@ class _JaxGroup(FusedGroup):
         super().__init__(models, images, labels)
         self._state: dict[int, tuple[list, list, list]] = {}
 
-    @staticmethod
-    def _variables(model: keras.Model) -> tuple[list, list, list]:
-        return model.trainable_variables, model.non_trainable_variables, model.optimizer.variables
-
     def _begin(self, members: tuple[int, ...]) -> None:
         for index in members:
-            groups = self._variables(self.models[index])
+            groups = jax_variables(self.models[index])
             self._state[index] = tuple([variable.value for variable in group] for group in groups)
 
     def _end(self, members: tuple[int, ...]) -> None:
         for index in members:
-            for group, values in zip(self._variables(self.models[index]), self._state.pop(index), strict=True):
+            for group, values in zip(jax_variables(self.models[index]), self._state.pop(index), strict=True):
                 for variable, value in zip(group, values, strict=True):
                     variable.assign(value)
-
-    def _member_step(self, model: keras.Model, state: tuple, indices: Any) -> tuple[tuple, Any]:
-        import jax
-
-        trainable, non_trainable, optimizer_variables = state
-        x = ops.take(self.images, indices, axis=0)
-        y = ops.take(self.labels, indices, axis=0)
-
-        def scaled_loss(trainable: list, non_trainable: list) -> tuple[Any, tuple]:
-            logits, non_trainable, losses = model.stateless_call(
-                trainable, non_trainable, x, training=True, return_losses=True
-            )
-            loss = _member_loss(model, y, logits, losses)
-            # Mixed float16 scales the loss (LossScaleOptimizer); its scale is one of the optimizer's variables.
-            mapping = list(zip(model.optimizer.variables, optimizer_variables, strict=True))
-            with keras.StatelessScope(state_mapping=mapping):
-                scaled = model.optimizer.scale_loss(loss)
-            return scaled, (loss, logits, non_trainable)
-
-        (_, (loss, logits, non_trainable)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(
-            trainable, non_trainable
-        )
-        trainable, optimizer_variables = model.optimizer.stateless_apply(optimizer_variables, grads, trainable)
-        totals = ops.stack([loss * ops.cast(ops.shape(y)[0], "float32"), _correct(y, logits)])
-        return (trainable, non_trainable, optimizer_variables), totals
 
     def _compile_train_step(self, members: tuple[int, ...]) -> Any:
         import jax
 
-        def step(states: list, batches: Any) -> tuple[list, Any]:
+        def step(states: list, images: Any, labels: Any, batches: Any) -> tuple[list, Any]:
             results = [
-                self._member_step(self.models[index], state, batches[position])
+                jax_member_step(self.models[index], state, images, labels, batches[position])
                 for position, (index, state) in enumerate(zip(members, states, strict=True))
             ]
             return [state for state, _ in results], ops.stack([totals for _, totals in results])
 
         compiled = jax.jit(step, donate_argnums=0)  # the old variables' buffers hold the new ones
 
-        def run(batches: Any) -> Any:
-            states, totals = compiled([self._state[index] for index in members], batches)
+        def run(images: Any, labels: Any, batches: Any) -> Any:
+            states, totals = compiled([self._state[index] for index in members], images, labels, batches)
             self._state.update(zip(members, states, strict=True))
             return totals
 
@@ -174,16 +213,16 @@ class _JaxGroup(FusedGroup):
         import jax
 
         @jax.jit
-        def forward(variables: list, indices: Any, shift: Any) -> Any:
+        def forward(variables: list, images: Any, indices: Any, shift: Any) -> Any:
             outputs = []
             for position, (index, (trainable, non_trainable)) in enumerate(zip(members, variables, strict=True)):
                 logits, _ = self.models[index].stateless_call(
-                    trainable, non_trainable, self._shifted(indices[position], shift), training=False
+                    trainable, non_trainable, shifted_images(images, indices[position], shift), training=False
                 )
                 outputs.append(ops.cast(logits, "float32"))
             return ops.stack(outputs)
 
-        def run(indices: Any, shift: Any) -> Any:
+        def run(images: Any, indices: Any, shift: Any) -> Any:
             variables = [
                 (
                     [v.value for v in self.models[i].trainable_variables],
@@ -191,7 +230,7 @@ class _JaxGroup(FusedGroup):
                 )
                 for i in members
             ]
-            return forward(variables, indices, shift)
+            return forward(variables, images, indices, shift)
 
         return run
 
@@ -200,28 +239,28 @@ class _TensorflowGroup(FusedGroup):
     def _compile_train_step(self, members: tuple[int, ...]) -> Any:
         import tensorflow as tf
 
-        def member_step(model: keras.Model, indices: Any) -> Any:
-            x = ops.take(self.images, indices, axis=0)
-            y = ops.take(self.labels, indices, axis=0)
+        def member_step(model: keras.Model, images: Any, labels: Any, indices: Any) -> Any:
+            x = ops.take(images, indices, axis=0)
+            y = ops.take(labels, indices, axis=0)
             with tf.GradientTape() as tape:
                 logits = model(x, training=True)
                 loss = _member_loss(model, y, logits, model.losses)
                 scaled = model.optimizer.scale_loss(loss)
             model.optimizer.apply(tape.gradient(scaled, model.trainable_variables), model.trainable_variables)
-            return ops.stack([loss * ops.cast(ops.shape(y)[0], "float32"), _correct(y, logits)])
+            return _totals(y, logits, loss)
 
-        def step(batches: Any) -> Any:
-            return ops.stack([member_step(self.models[i], batches[p]) for p, i in enumerate(members)])
+        def step(images: Any, labels: Any, batches: Any) -> Any:
+            return ops.stack([member_step(self.models[i], images, labels, batches[p]) for p, i in enumerate(members)])
 
         return tf.function(step, jit_compile=all(self.models[i].jit_compile for i in members))
 
     def _compile_forward(self, members: tuple[int, ...]) -> Any:
         import tensorflow as tf
 
-        def forward(indices: Any, shift: Any) -> Any:
+        def forward(images: Any, indices: Any, shift: Any) -> Any:
             return ops.stack(
                 [
-                    ops.cast(self.models[i](self._shifted(indices[p], shift), training=False), "float32")
+                    ops.cast(self.models[i](shifted_images(images, indices[p], shift), training=False), "float32")
                     for p, i in enumerate(members)
                 ]
             )

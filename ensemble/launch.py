@@ -18,7 +18,9 @@ import itertools
 import logging
 import math
 import os
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -150,6 +152,36 @@ def cluster_nodes() -> Nodes:
     if config is not None:
         addable = [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
     return Nodes(alive, addable)
+
+
+def nvidia_gpus() -> list[str]:
+    """The NVIDIA GPUs this machine's driver lists (`nvidia-smi -L`), whatever Ray or a framework makes of them."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in listing.splitlines() if line.startswith("GPU ")]
+
+
+def check_sees_gpus(config: ResourcesConfig, nodes: Nodes) -> None:
+    """A ConfigError, at once, where this run's own Ray counts no GPU on a machine whose driver lists some.
+
+    Ray counts GPUs through NVML and counts none where that fails (a container without NVML's library, say);
+    `gpus_per_member: auto` would then train every member on the CPU, for hours, instead of stopping.
+    CUDA_VISIBLE_DEVICES set empty hides the GPUs on purpose, from Ray too.
+    """
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if os.environ.get("RAY_ADDRESS") or config.gpus_per_member != "auto" or nodes.total.get("GPU", 0) or hidden:
+        return
+    gpus = nvidia_gpus()
+    if gpus:
+        raise ConfigError(
+            f"Ray sees no GPU, but this machine's driver lists {len(gpus)} ({gpus[0]}); Ray counts GPUs through "
+            "NVML (the nvidia-ml-py package and the driver's libnvidia-ml), so check that it loads here; or set "
+            "resources.gpus_per_member=0 to train on the CPU"
+        )
 
 
 def member_resources(config: ResourcesConfig, cluster: dict[str, float]) -> dict[str, float]:

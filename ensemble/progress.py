@@ -41,7 +41,8 @@ def epoch_line(name: str, metrics: dict[str, Any]) -> str:
     line = f"{name} epoch {metrics['epoch']}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f}"
     if "val_loss" in metrics:
         line += f" val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f}"
-    return f"{line} ({metrics['seconds']:.1f}s)"
+    compiling = f", compiling {metrics['compile_seconds']:.1f}s" if "compile_seconds" in metrics else ""
+    return f"{line} ({metrics['seconds']:.1f}s{compiling})"
 
 
 def clock(seconds: float) -> str:

@@ -32,8 +32,9 @@ from ensemble.plan import MemberSpec
 from ensemble.report import render_report
 from ensemble.scoring import MemberLogits, score
 
-# What report.json keeps of each member's final state (ensemble/worker.py), besides its spec.
-STATE_FIELDS = ("epochs", "best_epoch", "node_id", "gpus", "started_at", "finished_at")
+# What report.json keeps of each member's final state (ensemble/worker.py), besides its spec; a run from before
+# groups were timed has no "group" or "compile_seconds" (None).
+STATE_FIELDS = ("epochs", "best_epoch", "group", "compile_seconds", "node_id", "gpus", "started_at", "finished_at")
 
 
 @dataclass
@@ -80,7 +81,7 @@ def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> Finished
     entry = {
         "name": spec.name,
         **dataclasses.asdict(spec),
-        **{key: state[key] for key in STATE_FIELDS},
+        **{key: state.get(key) for key in STATE_FIELDS},
         "val_accuracy": best.get("val_accuracy"),  # None: it had no validation split
         "train_seconds": round(sum(epoch["seconds"] for epoch in history), 2),
         "checkpoint": checkpoint,
@@ -93,6 +94,12 @@ def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> Finished
         holdout_plain=arrays["holdout"],
     )
     return FinishedMember(entry, history, logits)
+
+
+def compile_seconds(members: list[FinishedMember]) -> float:
+    """Seconds the members' groups spent compiling their programs, each group once (its members share them)."""
+    by_group = {member.entry["group"]: member.entry["compile_seconds"] or 0.0 for member in members}
+    return round(sum(by_group.values()), 2)
 
 
 def save_holdout(storage: Storage, images: np.ndarray, labels: np.ndarray) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ensemble.augment import RandomAffine
 from ensemble.config import Config
-from ensemble.data import EnsembleData, member_split
+from ensemble.data import NUM_CLASSES, EnsembleData, member_split
 from ensemble.fused import FusedGroup, fused_group
 from ensemble.model import build_model, compile_model
 from ensemble.plan import MemberSpec
@@ -206,13 +206,18 @@ class Group:
         def progress(step: int, totals: np.ndarray) -> None:
             on_progress(training, epoch + 1, step, batches.shape[1], totals, time.perf_counter() - started)
 
+        compiled_before = self.fused.compile_seconds
         totals = self.fused.train_epoch(positions, batches, progress if on_progress else None)
         images = batches[0].size
         validation = self._validate(training)
-        seconds = time.perf_counter() - started
+        # An epoch's seconds are its training and validation; compiling their programs is counted apart.
+        compiling = self.fused.compile_seconds - compiled_before
+        timing = {"seconds": time.perf_counter() - started - compiling}
+        if compiling:
+            timing["compile_seconds"] = compiling
         for member, (loss, correct), scores in zip(training, totals, validation, strict=True):
             metrics = {"loss": float(loss / images), "accuracy": float(correct / images), **scores}
-            self._end_epoch(member, metrics | {"epoch": epoch + 1, "seconds": seconds})
+            self._end_epoch(member, metrics | {"epoch": epoch + 1} | timing)
 
     def _validate(self, members: list[Member]) -> list[dict[str, float]]:
         """Each member's val_loss and val_accuracy on its own validation split (none without one)."""
@@ -259,12 +264,21 @@ class Group:
 
 
 def chunked_logits(fused: FusedGroup, positions: tuple[int, ...], indices: np.ndarray, shift: tuple = (0, 0)) -> Any:
-    """Logits (members, n, classes) for image indices (members, n), EVAL_BATCH_SIZE images per member at a time."""
+    """Logits (members, n, classes) for image indices (members, n), EVAL_BATCH_SIZE images per member at a time.
+
+    A set larger than one chunk has its last chunk padded to a whole one (its last image repeated, those
+    logits dropped): the validation, holdout and test sets then share one compiled program, not one per size.
+    """
+    count = indices.shape[1]
+    if count == 0:
+        return np.zeros((len(positions), 0, NUM_CLASSES), np.float32)
+    if count > EVAL_BATCH_SIZE:
+        indices = np.pad(indices, ((0, 0), (0, -count % EVAL_BATCH_SIZE)), mode="edge")
     chunks = [
         fused.logits(positions, indices[:, start : start + EVAL_BATCH_SIZE], shift)
         for start in range(0, indices.shape[1], EVAL_BATCH_SIZE)
     ]
-    return np.concatenate(chunks, axis=1) if chunks else np.zeros((len(positions), 0, 10), np.float32)
+    return np.concatenate(chunks, axis=1)[:, :count]
 
 
 def predict_views(fused: FusedGroup, indices: np.ndarray, views: int = 1) -> np.ndarray:

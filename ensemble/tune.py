@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch.start_ray(args.verbose)
         nodes = launch.cluster_nodes()
+        launch.check_sees_gpus(config.resources, nodes)
         resources = launch.member_resources(config.resources, nodes.total)
         launch.check_fits(resources, nodes, "a trial's member")
     except ConfigError as error:

@@ -303,6 +303,9 @@ def train_group(loop_config: dict[str, Any]) -> None:
         logits |= {f"{part}_tta": group.predict(part, config.ensemble.tta) for part in parts}
     context = ray.get_runtime_context()
     where = {
+        "group": name,
+        # Seconds the group's first calls of its compiled programs took (tracing and compiling), all members'.
+        "compile_seconds": round(group.fused.compile_seconds, 2),
         "node_id": context.get_node_id(),
         "gpus": context.get_accelerator_ids().get("GPU", []),  # Ray's ids of this worker's GPUs
         # This worker's training, as wall-clock times: which groups ran at once.

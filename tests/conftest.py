@@ -21,6 +21,7 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "digit-recognizer"
 # collection order (pyproject.toml: --no-loadscope-reorder), so these start first and the short ones
 # fill in around them instead of one long file running alone at the end.
 LONGEST_FIRST = [
+    "test_on_gpu_script.py",
     "test_fault_tolerance.py",
     "test_end_to_end.py",
     "test_bench.py",

@@ -18,6 +18,7 @@ import pytest
 from .conftest import REPO
 
 FIRST_STEP = "test_a_group_takes_the_same_first_step_as_each_member_alone"
+ONE_FORWARD = "test_every_set_larger_than_a_chunk_shares_one_forward_program_with_no_images_inside"
 OTHER_BACKENDS = [name for name in ("tensorflow", "jax") if name != keras.backend.backend()]
 
 
@@ -25,7 +26,7 @@ OTHER_BACKENDS = [name for name in ("tensorflow", "jax") if name != keras.backen
 def test_augmentation_test_time_augmentation_and_a_group_step_under(backend: str) -> None:
     # The group's first step against each member's alone: the fused step of that backend (the other group
     # tests train for epochs, which JAX compiles slowly on a CPU).
-    tests = ["tests/test_augment.py", f"tests/test_groups.py::{FIRST_STEP}"]
+    tests = ["tests/test_augment.py", f"tests/test_groups.py::{FIRST_STEP}", f"tests/test_groups.py::{ONE_FORWARD}"]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-n", "0"],
         cwd=REPO,

@@ -24,7 +24,7 @@ CPU_ROWS = [
     "csv ingest, cache hit",
     "augmentation",
     "training, width 0.125",  # --quick leaves out the reference width
-    "member groups of 2: fused in one step",
+    "member groups of 2 (batch 64, float32, width 0.125): unrolled in one step",
     "time to val accuracy >=",
     "val accuracy after",
 ]
@@ -78,13 +78,11 @@ def test_quick_cpu_benchmark_reports_every_row(kaggle_dir: Path, tmp_path: Path)
     assert "python -m benchmarks.gpu" in result.stdout
 
 
-# The GPU benchmark's rows under JAX with --quick (a group of 2) and --member, in order.
+# The GPU benchmark's rows under JAX with --quick (a group of 2, one setting) and --member, in order.
 GPU_ROWS = [
-    "training img/s: mixed bfloat16",
-    "training img/s: XLA off",
-    "training img/s: augmentation on the host",
-    "training img/s: model alone",
-    *(f"member groups of 2: {kind}" for kind in ("fused in one step", "vmapped")),
+    *(f"member groups of 2 (batch 64, float32, width 0.125): {kind}" for kind in ("unrolled", "jax.vmap", "jax.lax")),
+    *(f"member groups of 2 (batch 128, mixed_bfloat16, width 0.125): {kind}" for kind in ("unrolled", "jax.vmap")),
+    "member groups of 2 (batch 128, mixed_bfloat16, width 0.125): jax.lax",
     "step profile: augmentation",
     "step profile: forward pass",
     "step profile: backward pass",
@@ -95,20 +93,16 @@ GPU_ROWS = [
     "step profile: host work of the package's loop",
     "step profile: dispatch",
     "step profile: host to device",
-    "2 members at once, each in its own process",
+    "training img/s: mixed bfloat16",
+    "training img/s: XLA off",
+    "training img/s: augmentation on the host",
+    "training img/s: model alone",
     "reference recipe: seconds per epoch",
     "reference recipe: achieved TFLOP/s, float32",
     "reference recipe: achieved TFLOP/s, mixed_bfloat16",
+    "2 members at once, each in its own process",
     "quickstart.yaml member 0 to early stopping",
 ]
-# Run as a new user would on a GPU machine with JAX, then look at what the process imported.
-GPU_BENCH = """
-import sys
-from benchmarks.gpu import main
-code = main(sys.argv[1:])
-imported = sorted({name.split(".")[0] for name in sys.modules} & {"tensorflow", "ray"})
-print("imported:", ",".join(imported) or "nothing", "exit:", code)
-"""
 
 
 def test_quick_gpu_benchmark_runs_on_jax_without_tensorflow_or_ray(sample, tmp_path: Path) -> None:
@@ -124,12 +118,11 @@ def test_quick_gpu_benchmark_runs_on_jax_without_tensorflow_or_ray(sample, tmp_p
     args = ["--quick", "--backends", "jax", "--data-dir", str(zipped(data)), "--json", str(out)]
     args += ["--member", "configs/quickstart.yaml"]
     result = subprocess.run(
-        [sys.executable, "-c", GPU_BENCH, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "benchmarks.gpu", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "imported: nothing exit: 0" in result.stdout  # the GPU path needs neither TensorFlow nor Ray
-
     report = json.loads(out.read_text())
+    assert report["imported"] == [] and report["finished"] is True  # the GPU path needs neither TensorFlow nor Ray
     rows = report["rows"]
     assert row_prefixes(rows, GPU_ROWS) == GPU_ROWS
     assert report["backends"]["jax"]["device"] == "jax, cpu"
@@ -143,6 +136,8 @@ def test_quick_gpu_benchmark_runs_on_jax_without_tensorflow_or_ray(sample, tmp_p
             assert finite(row["baseline"]) and row["baseline"] > 0, row["name"]
         if row["unit"] in ("img/s", "s", "TFLOP/s", "accuracy"):
             assert row["measured"] > 0, row["name"]
+    for row in rows[:6]:  # each group's program and its baseline's: their compile seconds
+        assert set(row["extra"]["compile_seconds"]) == {"one after another", "unrolled", "vmapped", "mapped"}
     member = rows[-1]["extra"]["summary"]
     assert 1 <= member["best_epoch"] <= member["epochs"] <= 4 and member["holdout_accuracy"] > 0.3
 

@@ -7,11 +7,15 @@ under the other one). Through Ray: tests/test_end_to_end.py (a group of three) a
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
+from ensemble import train
 from ensemble.config import Config, ResourcesConfig, load_config
 from ensemble.data import EnsembleData, prepare
 from ensemble.launch import Nodes, group_size, split_evenly
@@ -20,6 +24,7 @@ from ensemble.train import Group, Member, epoch_batches, new_member
 from ensemble.worker import member_files, restore_members, write_folders
 
 MEMBERS = 3
+WARN_BYTES = "jax_captured_constants_warn_bytes"  # JAX warns of constants this large captured in a program
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,37 @@ def test_a_group_takes_the_same_first_step_as_each_member_alone(setup) -> None:
     # Each member drew its own batch (its own split and shuffle), and the members started from different weights.
     assert len({tuple(batch.ravel()) for batch in batches}) == MEMBERS
     assert len({round(loss, 3) for loss, _ in fused}) == MEMBERS
+
+
+def test_every_set_larger_than_a_chunk_shares_one_forward_program_with_no_images_inside(setup, monkeypatch) -> None:
+    """Validation, holdout and test sets of any size over EVAL_BATCH_SIZE: one compiled forward, the same logits.
+
+    Under JAX, the image array is an argument of each program, never a constant captured into it.
+    """
+    config, data = setup
+    monkeypatch.setattr(train, "EVAL_BATCH_SIZE", 64)
+    group = Group(fresh(config, data)[:2], config, data)
+    sizes = (100, 150, 65)
+    with warnings.catch_warnings(), contextlib.ExitStack() as restore:
+        if keras.backend.backend() == "jax":
+            import jax
+
+            # The group's images are some 2 MB: any of them captured would be over this.
+            restore.callback(jax.config.update, WARN_BYTES, jax.config.jax_captured_constants_warn_bytes)
+            jax.config.update(WARN_BYTES, 500_000)
+            warnings.filterwarnings("error", message="A large amount of constants were captured")
+        logits = [train.chunked_logits(group.fused, (0, 1), np.tile(np.arange(n), (2, 1))) for n in sizes]
+        whole = group.fused.logits((0, 1), np.tile(np.arange(150), (2, 1)))  # one call of 150: no chunks, no padding
+        group.fused.train_epoch((0, 1), np.stack([epoch_batches(member, 0, 32)[:1] for member in group.members]))
+    # The three chunked sets share the first program; the one call of 150 images needs a second.
+    assert [(entry["program"], entry["members"]) for entry in group.fused.compiles] == [
+        ("forward", 2),
+        ("forward", 2),
+        ("train step", 2),
+    ]
+    assert all(entry["seconds"] > 0 for entry in group.fused.compiles)
+    assert [len(member_logits[0]) for member_logits in logits] == list(sizes)
+    np.testing.assert_allclose(logits[1], whole, rtol=1e-4, atol=1e-4)
 
 
 def test_a_group_trains_the_members_three_solo_runs_would(setup) -> None:

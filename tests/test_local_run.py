@@ -62,3 +62,26 @@ def test_a_member_no_node_can_hold_stops_the_local_run_at_once(tmp_path: Path, r
         f"{cpus} CPU, 0 GPU); lower resources.cpus_per_member (a node has {cpus} CPU at most)"
     ]
     assert " epoch " not in result.stdout and not output.exists()
+
+
+def test_a_local_ray_that_sees_no_gpu_on_a_gpu_machine_stops_the_run_at_once(tmp_path: Path, ray_tmpdir: Path) -> None:
+    """Ray counts GPUs through NVML and counts none where that fails; the driver's listing says there are some.
+
+    This machine has no GPU: an `nvidia-smi` on PATH lists one as the driver's own would.
+    """
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: NVIDIA H200 (UUID: GPU-0)"\n')
+    (tools / "nvidia-smi").chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "CUDA_VISIBLE_DEVICES"))}
+    env |= {"RAY_TMPDIR": str(ray_tmpdir), "PATH": f"{tools}:{os.environ['PATH']}"}
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "ensemble.run", "--config", "configs/quickstart.yaml", "--output-dir", str(output)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: Ray sees no GPU, but this machine's driver lists 1 (GPU 0: NVIDIA H200 (UUID: GPU-0)); Ray counts "
+        "GPUs through NVML (the nvidia-ml-py package and the driver's libnvidia-ml), so check that it loads here; "
+        "or set resources.gpus_per_member=0 to train on the CPU"
+    ]
+    assert " epoch " not in result.stdout and not output.exists()

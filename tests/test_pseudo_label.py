@@ -19,7 +19,10 @@ ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=200
 ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0", "--set", "train.max_epochs=2"]
 ARGS += ["--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
 ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9", "--set", "train.backend=jax"]
-EPOCH = re.compile(r"^(member-\d\d(?:-round-1)?) epoch (\d): loss [\d.]+ accuracy [\d.]+ \([\d.]+s\)$", re.MULTILINE)
+EPOCH = re.compile(
+    r"^(member-\d\d(?:-round-1)?) epoch (\d): loss [\d.]+ accuracy [\d.]+ \([\d.]+s(?:, compiling [\d.]+s)?\)$",
+    re.MULTILINE,
+)
 ROUND = re.compile(r"^round 1: (\d+) of 500 test images, labelled by the ensemble of round 0", re.MULTILINE)
 # A live line as rich draws it on a terminal: epoch, step, running loss and accuracy, speed, time left.
 LIVE = re.compile(r"(member-0[01]) +epoch \d/2 +step \d+/\d+ +loss [\d.]+ +acc [\d.]+ +[\d,]+ img/s +\d+:\d\d left")
