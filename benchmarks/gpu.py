@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks import harness
-from benchmarks.groups import SETTINGS
 from benchmarks.harness import Row
 from ensemble.config import Config, command_line_overrides, load_config
 
@@ -53,6 +52,8 @@ if TYPE_CHECKING:
     from ensemble.train import Group, Member
 
 BACKENDS = ("jax", "tensorflow")
+# (batch size, precision) of the largest group's "settings" rows, beside the config's own batch in float32.
+GROUP_SETTINGS = ((128, "float32"), (512, "float32"), (128, "mixed_bfloat16"), (512, "mixed_bfloat16"))
 # In the order they run: the most wanted first, so that a run cut short has measured those.
 SECTIONS = ("groups", "settings", "profile", "throughput", "recipe", "sharing", "member")
 REFERENCE_CONFIG = harness.REPO / "configs" / "reference.yaml"
@@ -72,7 +73,7 @@ class Settings:
     eager_steps: int = 10  # XLA off: every op dispatched on its own, far slower
     groups: tuple[int, ...] = (1, 2, 4, 8, 10)  # member groups of K
     group_steps: int = 50  # per member and round, at batch 64 (fewer at larger batches: the same images)
-    group_settings: tuple[tuple[int, str], ...] = SETTINGS  # (batch size, precision) of the largest group
+    group_settings: tuple[tuple[int, str], ...] = GROUP_SETTINGS
     profile_steps: int = 100  # per part and round
     sharing: tuple[int, ...] = (1, 2, 4, 8)  # processes at once
 
@@ -260,7 +261,7 @@ def measure_backend(args: argparse.Namespace, data_dir: Path, record: harness.Re
     from ensemble.train import configure_backend
 
     configure_backend(os.cpu_count() or 1)
-    s = settings(args)
+    s = chosen_settings(args)
     device, gpu = harness.device_label()
     images, labels = harness.read_train(data_dir)
     images, labels = images[: s.images], labels[: s.images]
@@ -279,13 +280,13 @@ def measure_backend(args: argparse.Namespace, data_dir: Path, record: harness.Re
         from benchmarks.step_profile import profile_rows
 
         sections["profile"] = lambda: profile_rows(images, labels, config, s.profile_steps, s.rounds, device)
-    for name in SECTIONS:
-        if name in args.only and name in sections:
+    for name in args.only:  # in the order given: the most wanted first, for a run that may be cut short
+        if name in sections:
             record.add(sections[name]())
     return {"device": device, "keras": keras.__version__}
 
 
-def settings(args: argparse.Namespace) -> Settings:
+def chosen_settings(args: argparse.Namespace) -> Settings:
     """How much this run measures: --quick's or a full run's, with the group sizes --groups names."""
     chosen = QUICK if args.quick else Settings()
     return replace(chosen, groups=args.groups) if args.groups else chosen
@@ -309,7 +310,7 @@ def comma_list(kind: Callable[[str], Any], allowed: tuple[str, ...] = ()) -> Cal
     """An argparse type: a comma-separated list of `kind`, each in `allowed` where that is given."""
 
     def parse(text: str) -> tuple:
-        values = tuple(kind(item) for item in text.split(",") if item)
+        values = tuple(dict.fromkeys(kind(item) for item in text.split(",") if item))  # in order, once each
         if not values or any(allowed and value not in allowed for value in values):
             raise argparse.ArgumentTypeError(
                 f"{text!r}: expected a comma-separated list{' of ' if allowed else ''}{', '.join(allowed)}"
@@ -319,13 +320,20 @@ def comma_list(kind: Callable[[str], Any], allowed: tuple[str, ...] = ()) -> Cal
     return parse
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = harness.arguments("python -m benchmarks.gpu", __doc__)
     parser.add_argument("--backends", help="comma-separated Keras backends to measure (default: those installed)")
     parser.add_argument(
         "--only", type=comma_list(str, SECTIONS), default=SECTIONS, help=f"sections to run ({','.join(SECTIONS)})"
     )
-    parser.add_argument("--groups", type=comma_list(int), help="member group sizes K (default 1,2,4,8,10)")
+    parser.add_argument("--groups", type=comma_list(positive_int), help="member group sizes K (default 1,2,4,8,10)")
     parser.add_argument("--member", metavar="CONFIG", help="also train member 0 of CONFIG to early stopping")
     args = parser.parse_args(argv)
     installed = [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
@@ -354,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("--quick: a smoke test (1/8 width, few steps, a slice of the data), not a measurement")
     measured_on = "; ".join(f"Keras {info['keras']} on {info['device']}" for info in devices.values())
     heading = [f"machine: {os.cpu_count()} CPUs; {measured_on}"]
-    meta = {"backends": devices, "settings": asdict(settings(args)), "total_seconds": time.perf_counter() - started}
+    meta = {
+        "backends": devices,
+        "settings": asdict(chosen_settings(args)),
+        "total_seconds": time.perf_counter() - started,
+    }
     # Which of the frameworks a GPU machine may lack this process imported: none is needed.
     meta["imported"] = sorted({name.split(".")[0] for name in sys.modules} & {"tensorflow", "ray"})
     record.report(heading, notes, meta)

@@ -36,8 +36,6 @@ VARIANTS = {
     "vmapped": "jax.vmap over the stacked members",
     "mapped": "jax.lax.map over the stacked members",
 }
-# (batch size, precision) of the largest group's setting rows, beside the config's own batch in float32.
-SETTINGS = ((128, "float32"), (512, "float32"), (128, "mixed_bfloat16"), (512, "mixed_bfloat16"))
 
 
 def stacked_trainer(fused: FusedGroup, models: list[keras.Model], batches: np.ndarray, how: str) -> Callable[[], None]:
@@ -94,14 +92,15 @@ def measured_rows(
     first: dict[str, float] = {}
     seconds = harness.alternate(candidates, rounds, first)
     rates = {name: harness.median_rate(images, seconds[name]) for name in candidates}
-    compiling = {name: round(harness.compile_seconds(first[name], seconds[name]), 2) for name in candidates}
+    compiling = {name: round(harness.first_call_excess(first[name], seconds[name]), 2) for name in candidates}
     fastest = max(rates, key=rates.__getitem__)
     rows = []
     for kind in [name for name in candidates if name != BASELINE]:
         share = f"; {100 * rates[kind] / peak:.1f}% of the bf16 peak" if peak else ""
         note = (
             f"baseline: the same work one member at a time (one member's step); median of {rounds} rounds; compiling "
-            f"{compiling[kind]:.1f} s (baseline {compiling[BASELINE]:.1f} s); fastest: {fastest}{share}"
+            f"{compiling[kind]:.1f} s (baseline {compiling[BASELINE]:.1f} s: its program compiles for the first row "
+            f"of a group); fastest: {fastest}{share}"
         )
         extra = {"rates": rates, "compile_seconds": compiling, "fastest": fastest, "round_seconds": seconds[kind]}
         rows.append(
@@ -116,6 +115,22 @@ def images_per_peak(model: keras.Model, gpu: str | None) -> float | None:
     return peak * 1e12 / (harness.TRAINING_FLOPS_PER_FORWARD * harness.forward_flops(model)) if peak else None
 
 
+def members_together(
+    images: np.ndarray, labels: np.ndarray, config: Config, k: int, steps: int, gpu: str | None
+) -> tuple[FusedGroup, np.ndarray, float | None]:
+    """k members of `config` (strength 1) in one FusedGroup over the images, random batches (k, steps, batch)
+    for them, and the images per second at the GPU's bf16 peak (images_per_peak)."""
+    members = harness.new_members(config, harness.pool_data(images, labels), harness.specs(*[1.0] * k))
+    fused = fused_group([member.model for member in members], images, labels)
+    batches = harness.random_batches(k, steps, config.train.batch_size, len(images))
+    return fused, batches, images_per_peak(fused.models[0], gpu)
+
+
+def label(config: Config, k: int) -> str:
+    train = config.train
+    return f"member groups of {k} (batch {train.batch_size}, {train.precision}, width {config.model.width:g})"
+
+
 def group_rows(
     images: np.ndarray,
     labels: np.ndarray,
@@ -127,15 +142,13 @@ def group_rows(
     gpu: str | None = None,
 ) -> Iterator[Row]:
     """Each K of `counts`, largest first, at the config's batch size and precision."""
-    batch, largest = config.train.batch_size, max(counts)
     harness.log(f"member groups of {', '.join(map(str, counts))}: {rounds} rounds of {steps} steps each")
-    members = harness.new_members(config, harness.pool_data(images, labels), harness.specs(*[1.0] * largest))
-    fused = fused_group([member.model for member in members], images, labels)
-    batches = harness.random_batches(largest, steps, batch, len(images))
-    peak = images_per_peak(fused.models[0], gpu)
+    fused, batches, peak = members_together(images, labels, config, max(counts), steps, gpu)
     for k in sorted(counts, reverse=True):
-        label = f"member groups of {k} (batch {batch}, {config.train.precision}, width {config.model.width:g})"
-        yield from measured_rows(label, candidates_for(k, fused, batches), k * steps * batch, rounds, device, peak)
+        images_per_round = k * steps * config.train.batch_size
+        yield from measured_rows(
+            label(config, k), candidates_for(k, fused, batches), images_per_round, rounds, device, peak
+        )
 
 
 def setting_rows(
@@ -154,11 +167,8 @@ def setting_rows(
         changed = replace(config, train=replace(config.train, batch_size=batch, precision=precision))
         batch_steps = max(1, steps * config.train.batch_size // batch)
         harness.log(f"a group of {k} at batch {batch}, {precision}: {rounds} rounds of {batch_steps} steps")
-        members = harness.new_members(changed, harness.pool_data(images, labels), harness.specs(*[1.0] * k))
-        fused = fused_group([member.model for member in members], images, labels)
-        batches = harness.random_batches(k, batch_steps, batch, len(images))
-        label = f"member groups of {k} (batch {batch}, {precision}, width {config.model.width:g})"
-        peak = images_per_peak(fused.models[0], gpu)
+        fused, batches, peak = members_together(images, labels, changed, k, batch_steps, gpu)
+        images_per_round = k * batch_steps * batch
         yield from measured_rows(
-            label, candidates_for(k, fused, batches), k * batch_steps * batch, rounds, device, peak
+            label(changed, k), candidates_for(k, fused, batches), images_per_round, rounds, device, peak
         )

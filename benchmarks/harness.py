@@ -65,6 +65,10 @@ class Record:
 
     def __init__(self, path: Path, meta: dict[str, Any]):
         self.path, self.meta, self.rows = path, meta, []
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+        self.machine = {"cpu_count": os.cpu_count(), "cpu_model": models[0] if models else platform.processor()}
+        self.machine |= {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__}
 
     def add(self, rows: Iterable[Row]) -> None:
         """Record `rows`, which a generator may yield one by one as it measures them."""
@@ -74,11 +78,7 @@ class Record:
             self.write({"finished": False})
 
     def write(self, extra: dict[str, Any]) -> None:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-        machine = {"cpu_count": os.cpu_count(), "cpu_model": models[0] if models else platform.processor()}
-        machine |= {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__}
-        document = {"machine": machine, **self.meta, **extra, "rows": [row.to_dict() for row in self.rows]}
+        document = {"machine": self.machine, **self.meta, **extra, "rows": [row.to_dict() for row in self.rows]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".partial")
         partial.write_text(json.dumps(document, indent=2) + "\n")
@@ -148,7 +148,7 @@ def alternate(
     return seconds
 
 
-def compile_seconds(first: float, rounds: list[float]) -> float:
+def first_call_excess(first: float, rounds: list[float]) -> float:
     """What a candidate's first call took beyond a timed round's median: its programs' compiling, mostly."""
     return max(0.0, first - float(np.median(rounds)))
 

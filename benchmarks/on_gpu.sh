@@ -26,6 +26,9 @@ PYTHON=${PYTHON:-python3}
 CARRY=${CARRY:-.carry}
 started=$(date +%s)
 work=$(mktemp -d)
+sampler="" session=""
+# However the script ends (a step's error, the tool's own limit): no sampler or step left running, no scratch.
+trap 'kill $sampler 2>/dev/null; [ -n "$session" ] && pkill -KILL -s "$session" 2>/dev/null; rm -rf "$work"' EXIT
 logs=$work/logs
 mkdir -p "$logs" "$OUT"
 summary=$OUT/summary.txt
@@ -37,7 +40,7 @@ seconds_left() { echo $((started + DEADLINE - $(date +%s))); }
 
 # step NAME LIMIT COMMAND...: run COMMAND in a session of its own, its output in $logs/NAME.log, for at most
 # LIMIT seconds and never past the deadline (less 15 s to pack up); then end whatever it left running (a local
-# Ray's processes), by its session.
+# Ray's processes), by its session (kept in $session while it runs, for the exit trap).
 step() {
     local name=$1 limit=$2 left began code
     shift 2
@@ -50,10 +53,11 @@ step() {
     echo "$*" >> "$logs/commands.txt"
     began=$(date +%s.%N)
     setsid timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1 &
-    local session=$!
+    session=$!
     wait "$session"
     code=$?
     pkill -KILL -s "$session" 2>/dev/null
+    session=""
     say "$name: exit $code after $(awk "BEGIN {printf \"%.1f\", $(date +%s.%N) - $began}") s (limit $limit s)"
     if ((code != 0)); then  # why, in the summary: a traceback's or an error line's end
         tail -n 3 "$logs/$name.log" | cut -c1-300 | sed "s/^/  $name log: /" | tee -a "$summary"
@@ -113,13 +117,16 @@ for _ in $(seq 30); do
     sleep 1
 done
 # shellcheck disable=SC2086
-step bench "$DEADLINE" "$PYTHON" -m benchmarks.gpu --backends jax --data-dir "$DATA_DIR" --json "$OUT/bench-gpu.json" \
+step bench "$(seconds_left)" "$PYTHON" -m benchmarks.gpu --backends jax --data-dir "$DATA_DIR" --json "$OUT/bench-gpu.json" \
     --only groups,settings,profile --groups 1,2,4,10 ${BENCH_ARGS:-}
 
 # Pack up: the logs in one file, then the summary.
 kill "$sampler" 2>/dev/null
 grep -v "^\[benchmarks" "$logs/bench.log" > "$logs/bench-table.txt"
-cp -r "$RAY_TMPDIR/ray/session_latest/logs" "$logs/ray-logs" 2>/dev/null
+mkdir -p "$logs/ray-logs"
+for file in "$RAY_TMPDIR"/ray/session_latest/logs/*; do  # the last megabyte of each: the tool takes 16 MiB a file
+    [ -f "$file" ] && tail -c 1000000 "$file" > "$logs/ray-logs/$(basename "$file")"
+done
 tar -czf "$OUT/logs.tar.gz" -C "$work" logs
 "$PYTHON" - "$OUT" <<'EOF' | tee -a "$summary"
 import json, sys
@@ -137,7 +144,6 @@ if (out / "bench-gpu.json").is_file():
     for row in bench["rows"]:
         ratio = "" if row["ratio"] is None else f" ({row['ratio']:.2f}x)"
         compiling = row["extra"].get("compile_seconds", "")
-        print(f"  {row['name']}: {row['measured']:.4g} {row['unit']} vs {row['baseline']}{ratio} {compiling}")
+        print(f"  {row['name']}: {row['measured']} {row['unit']} vs {row['baseline']}{ratio} {compiling}")
 EOF
 say "files: $(ls "$OUT" | tr '\n' ' ')in $(($(date +%s) - started)) s"
-rm -rf "$work"

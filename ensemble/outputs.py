@@ -10,12 +10,13 @@ reader sees the old file or the whole new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow
@@ -37,6 +38,29 @@ GROUPS_FILE = "groups.json"  # which members train together: fixed when a run fi
 GROUP_FILE = "group.json"
 MODEL_FILE, STATE_FILE, BEST_WEIGHTS_FILE, LOGITS_FILE = "model.keras", "state.json", "best_weights.npz", "logits.npz"
 
+T = TypeVar("T")
+
+
+def read_member_file(member: str, folder: str, name: str, read: Callable[[Path], T], directory: str | Path) -> T:
+    """`read(path)` of one of a member's files, `name` in its `directory`; one that is missing or damaged (a copy
+    cut short, a sync gone wrong) is a ConfigError naming the member and the file (in `folder`, as the run names
+    the member's folder)."""
+    try:
+        return read(Path(directory) / name)
+    except Exception as error:  # whatever the reader raises for a file it cannot read: zip, npz, JSON, Keras
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"{member}: {folder}/{name} cannot be read ({type(error).__name__}: {reason})") from None
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, read whole (a damaged one fails here, not later)."""
+    with np.load(path) as saved:
+        return {name: saved[name] for name in saved.files}
+
 
 class Storage:
     def __init__(self, location: str):
@@ -50,8 +74,9 @@ class Storage:
         self.root = self.root.rstrip("/")
         self.location = location
 
-    def check_writable(self) -> None:
-        """Write and delete a probe file at the output location: a one-line ConfigError if that fails.
+    def check_writable(self, probe_bytes: int = 0) -> None:
+        """Write and delete a probe file of `probe_bytes` at the output location: a one-line ConfigError if that
+        fails.
 
         Run before Ray starts, so that an unusable location stops a run before any work; a location
         that did not exist is removed again, so that a run refused later leaves nothing behind.
@@ -61,13 +86,22 @@ class Storage:
             raise ConfigError(f"output dir {self.location}: is a file, not a directory")
         probe = f".write-check-{uuid.uuid4().hex}"
         try:
-            self.write_bytes(b"", probe)
+            self.write_bytes(bytes(probe_bytes), probe)
             self.filesystem.delete_file(self.path(probe))
             if existed == pyarrow.fs.FileType.NotFound:
                 self.filesystem.delete_dir(self.root)
         except (OSError, pyarrow.ArrowException) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(f"output dir {self.location}: cannot be written ({reason[:120]})") from None
+
+    def unwritable(self) -> str | None:
+        """Why a megabyte cannot be written at the location now (a full disk, a read-only or lost mount, a bucket
+        gone, permissions), in one line; None if it can."""
+        try:
+            self.check_writable(probe_bytes=2**20)
+        except ConfigError as error:
+            return str(error)
+        return None
 
     def path(self, *parts: str) -> str:
         """A path inside the run, as `filesystem` (and Ray's `storage_filesystem`) expects it."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from ensemble.config import ConfigError
 from ensemble.data import IMAGE_SIDE, DataError, read_kaggle_csv
-from ensemble.outputs import MODEL_FILE, Storage, native_stderr_silenced
+from ensemble.outputs import MODEL_FILE, Storage, native_stderr_silenced, read_member_file
 from ensemble.results import member_checkpoint, read_report
 from ensemble.vote import vote, vote_probabilities
 
@@ -58,7 +58,8 @@ def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndar
     models = []
     for member in report["members"]:
         with member_checkpoint(storage, member["checkpoint"]).as_directory() as directory:
-            models.append(keras.models.load_model(Path(directory) / MODEL_FILE))
+            name, folder = member["name"], member["checkpoint"]
+            models.append(read_member_file(name, folder, MODEL_FILE, keras.models.load_model, directory))
     return predict_logits(models, images, report["config"]["ensemble"]["tta"])
 
 
@@ -90,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(args.run)
         report = read_report(storage)
         images, files = read_input(args.input)
+        logits = member_logits(storage, report, images)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     ensemble = report["ensemble"]
     weights = np.array(ensemble["weights"]) if ensemble["vote"] == "weighted" else None
-    scores = vote(member_logits(storage, report, images), ensemble["vote"], weights)
+    scores = vote(logits, ensemble["vote"], weights)
     text = predictions_csv(scores, ensemble["vote"], files, args.probabilities)
     Storage(str(args.output.resolve().parent)).write_text(text, args.output.name)
     print(

@@ -86,8 +86,11 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run = result.get("run", "")
+        restarted = result.get("restarted", {})
+        for member, reason in restarted.items():
+            self.say(f"{self.name_of(run, member)}: {reason}; it trains again from its first epoch")
         for member, epochs in result.get("resumed", {}).items():
-            if epochs:
+            if epochs and member not in restarted:
                 self.say(f"{self.name_of(run, member)}: resuming after epoch {epochs}")
         for member, epochs in result.get("epochs", {}).items():
             for metrics in epochs:

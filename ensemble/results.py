@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,9 @@ from ensemble.outputs import (
     STATE_FILE,
     SUBMISSION_FILE,
     Storage,
+    read_arrays,
+    read_json,
+    read_member_file,
     submission_csv,
 )
 from ensemble.plan import MemberSpec
@@ -73,9 +75,8 @@ def read_report(storage: Storage) -> dict[str, Any]:
 def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> FinishedMember:
     """A finished member's report entry, history and logits, read from its folder of its group's final checkpoint."""
     with member_checkpoint(storage, checkpoint).as_directory() as directory:
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
-        with np.load(Path(directory) / LOGITS_FILE) as saved:
-            arrays = {name: saved[name] for name in saved.files}
+        state = read_member_file(spec.name, checkpoint, STATE_FILE, read_json, directory)
+        arrays = read_member_file(spec.name, checkpoint, LOGITS_FILE, read_arrays, directory)
     history = state["history"]
     best = history[state["best_epoch"] - 1] if history else {}
     entry = {
@@ -96,8 +97,9 @@ def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> Finished
     return FinishedMember(entry, history, logits)
 
 
-def compile_seconds(members: list[FinishedMember]) -> float:
-    """Seconds the members' groups spent compiling their programs, each group once (its members share them)."""
+def groups_compile_seconds(members: list[FinishedMember]) -> float:
+    """Seconds the members' groups spent compiling their programs, summed over the groups (each once: its members
+    share them); a group read back from an earlier start of the run counts what it spent then."""
     by_group = {member.entry["group"]: member.entry["compile_seconds"] or 0.0 for member in members}
     return round(sum(by_group.values()), 2)
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ensemble.config import VOTE_METHODS, ConfigError
+from ensemble.hold import OutputDirHold
 from ensemble.outputs import summary_table
 from ensemble.results import load_run, write_results
 
@@ -21,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", required=True, choices=VOTE_METHODS)
     args = parser.parse_args(argv)
     try:
-        report = write_results(load_run(args.run), method=args.method)
+        run = load_run(args.run)
+        with OutputDirHold(run.storage):  # it rewrites the run's results: not while a run writes them
+            report = write_results(run, method=args.method)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from ray import tune
 from ensemble import launch
 from ensemble.config import Config, ConfigError, command_line_overrides, load_config
 from ensemble.data import DataError, EnsembleData, prepare
+from ensemble.hold import OutputDirHold
 from ensemble.outputs import (
     CONFIG_FILE,
     GROUP_FILE,
@@ -42,9 +43,19 @@ from ensemble.outputs import (
 )
 from ensemble.plan import MemberSpec, plan_members
 from ensemble.progress import Progress
-from ensemble.results import FinishedMember, RunResults, compile_seconds, load_member, save_holdout, write_results
+from ensemble.results import (
+    FinishedMember,
+    RunResults,
+    groups_compile_seconds,
+    load_member,
+    save_holdout,
+    write_results,
+)
 from ensemble.scoring import pseudo_labels, round_summary, score
 from ensemble.worker import group_trainer, write_storage_marker
+
+# What a run stopped by its storage (a full disk, a lost mount) says after the storage's own error.
+WHAT_IS_KEPT = "members that finished are kept; run the same command again once it can be written, to resume"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -157,10 +168,13 @@ def train_groups(
     todo = []
     for group in groups:  # a group done in an earlier start of the run is read back, not launched again
         folder = final_checkpoint(storage, group["name"])
+        try:
+            finished += load_group(storage, group, folder) if folder else []
+        except ConfigError as error:  # a member's file damaged since: its worker predicts (or trains) it again
+            print(f"{error}; its group runs again", flush=True)
+            folder = None
         if folder is None:
             todo.append(group)
-        else:
-            finished += load_group(storage, group, folder)
     if not todo:
         return finished, failed, None
     progress = Progress(lambda run, member: member, config.train.max_epochs)
@@ -239,10 +253,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     plan = plan_members(config.ensemble)
+    try:  # before anything is written: one run at a time in an output dir
+        hold = None if args.dry_run else OutputDirHold(storage)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print_plan(config, plan, data, count_parameters=args.dry_run, verbose=args.verbose)
-    if args.dry_run:
+    if hold is None:
         return 0
+    with hold:
+        try:
+            return train_and_write(args, config, storage, data, plan, started)
+        except Exception:
+            if (problem := storage.unwritable()) is None:
+                raise
+            print(f"error: {problem}; {WHAT_IS_KEPT}", file=sys.stderr)
+            return 1
 
+
+def train_and_write(
+    args: argparse.Namespace,
+    config: Config,
+    storage: Storage,
+    data: EnsembleData,
+    plan: list[MemberSpec],
+    started: float,
+) -> int:
+    """Start Ray, train every group (each pseudo-labelling round), vote, write the results: the exit code."""
     launch.leave_working_dir()
     data_seconds = time.time() - started
     try:
@@ -267,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     compiling = 0.0
     for number in range(pseudo.rounds + 1):
         finished, failed, stopped = train_groups(config, storage, marker, groups, data, nodes, args.verbose, number)
-        compiling += compile_seconds(finished)
+        compiling += groups_compile_seconds(finished)
         if stopped:
             print(f"error: {stopped}", file=sys.stderr)
+            return 1
+        if failed and (problem := storage.unwritable()):  # the members failed for want of storage
+            print(f"error: {problem}; {WHAT_IS_KEPT}", file=sys.stderr)
             return 1
         required = config.ensemble.min_members or config.ensemble.members
         for member in failed:
@@ -294,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             members = [[dataclasses.replace(spec, round=number + 1) for spec in group] for group in members]
             groups = launch.describe_groups(members, config.resources, nodes)
 
-    # compile_seconds: every group's, summed (groups that train at once compile at once).
-    timings = {"data_seconds": round(data_seconds, 2), "compile_seconds": round(compiling, 2)}
+    # Not wall time: groups that train at once compile at once.
+    timings = {"data_seconds": round(data_seconds, 2), "groups_compile_seconds": round(compiling, 2)}
     timings["total_seconds"] = round(time.time() - started, 2)
     run = RunResults(
         storage, config.to_dict(), finished, failed, data.holdout_images, data.holdout_labels, timings,

@@ -43,7 +43,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ensemble import launch
 from ensemble.config import Config, ConfigError, command_line_overrides, load_config
-from ensemble.data import DataError, prepare
+from ensemble.data import DataError, EnsembleData, prepare
+from ensemble.hold import OutputDirHold
 from ensemble.outputs import Storage
 from ensemble.plan import plan_members
 from ensemble.progress import Progress
@@ -242,12 +243,27 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(config.output_dir)
         data = prepare(config.data)
         storage.check_writable()
+        hold = OutputDirHold(storage)  # one run or search at a time in an output dir
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"search: {args.samples} trials of member 0 of {name}, into {storage.location}; space: {', '.join(space)}")
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with hold:
+        return search(args, config, storage, data, space, config_file, started)
+
+
+def search(
+    args: argparse.Namespace,
+    config: Config,
+    storage: Storage,
+    data: EnsembleData,
+    space: dict[str, Any],
+    config_file: Path | None,
+    started: float,
+) -> int:
+    """Start Ray, run the search, write best.yaml, results.csv and search.png: the exit code."""
     launch.leave_working_dir()
     try:
         launch.start_ray(args.verbose)

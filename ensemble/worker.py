@@ -34,7 +34,7 @@ import ray.train
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from ensemble.config import Config, TrainConfig
+from ensemble.config import Config, ConfigError, TrainConfig
 from ensemble.data import EnsembleData
 from ensemble.outputs import (
     BEST_WEIGHTS_FILE,
@@ -46,6 +46,9 @@ from ensemble.outputs import (
     STORAGE_MARKER_FILE,
     TENSORBOARD_DIR,
     Storage,
+    read_arrays,
+    read_json,
+    read_member_file,
 )
 from ensemble.plan import MemberSpec
 
@@ -199,23 +202,52 @@ def member_files(member: Any, extra: dict[str, Any] | None = None) -> dict[str, 
     return files
 
 
-def restore_members(config: Config, specs: list[MemberSpec], data: EnsembleData, directory: Path) -> list[Any]:
-    """The group's members as its checkpoint in `directory` holds them."""
+def restore_members(
+    config: Config, specs: list[MemberSpec], data: EnsembleData, directory: Path, folder: str
+) -> tuple[list[Any], dict[str, str]]:
+    """The group's members as its checkpoint in `directory` (`folder` of the run) holds them, and why each
+    member whose files there cannot be read starts afresh instead ({member's name: which file, and why})."""
+    from ensemble.train import new_member
+
+    members, restarted = [], {}
+    for spec in specs:
+        try:
+            members.append(restore_member(config, spec, data, directory / spec.name, f"{folder}/{spec.name}"))
+        except ConfigError as error:
+            restarted[spec.name] = str(error).removeprefix(f"{spec.name}: ")
+            members.append(new_member(config, spec, data))
+    return members, restarted
+
+
+def results_readable(specs: list[MemberSpec], directory: Path, folder: str) -> bool:
+    """Whether every member's logits in a done group's final checkpoint can be read: if one cannot (damaged
+    since), the group is restored from that checkpoint and predicts again (a damaged model trains again)."""
+    try:
+        for spec in specs:
+            read_member_file(spec.name, f"{folder}/{spec.name}", LOGITS_FILE, read_arrays, directory / spec.name)
+    except ConfigError:
+        return False
+    return True
+
+
+def restore_member(config: Config, spec: MemberSpec, data: EnsembleData, directory: Path, folder: str) -> Any:
+    """One member from its folder of a checkpoint; a ConfigError naming the file that cannot be read."""
     import keras
 
     from ensemble.train import TrainingState, restored_member
 
-    members = []
-    for spec in specs:
-        folder = directory / spec.name
-        saved = json.loads((folder / STATE_FILE).read_text())
-        state = TrainingState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainingState)})
-        best = None
-        if (folder / BEST_WEIGHTS_FILE).is_file():
-            with np.load(folder / BEST_WEIGHTS_FILE) as arrays:
-                best = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-        members.append(restored_member(config, spec, data, keras.models.load_model(folder / MODEL_FILE), state, best))
-    return members
+    saved = read_member_file(spec.name, folder, STATE_FILE, read_json, directory)
+    state = TrainingState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainingState)})
+    best = None
+    if (directory / BEST_WEIGHTS_FILE).is_file():
+
+        def read_weights(path: Path) -> list[np.ndarray]:
+            with np.load(path) as arrays:
+                return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+
+        best = read_member_file(spec.name, folder, BEST_WEIGHTS_FILE, read_weights, directory)
+    model = read_member_file(spec.name, folder, MODEL_FILE, keras.models.load_model, directory)
+    return restored_member(config, spec, data, model, state, best)
 
 
 def train_group(loop_config: dict[str, Any]) -> None:
@@ -240,12 +272,15 @@ def train_group(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            if json.loads((Path(directory) / GROUP_FILE).read_text())["done"]:
+            folder = storage.relative(checkpoint.path)
+            if json.loads((Path(directory) / GROUP_FILE).read_text())["done"] and results_readable(
+                specs, Path(directory), folder
+            ):
                 return  # finished in an earlier run: its final checkpoint stays the result
-            members = restore_members(config, specs, data, Path(directory))
+            members, restarted = restore_members(config, specs, data, Path(directory), folder)
         # The driver says so, member by member.
         resumed = {member.spec.name: member.state.epochs for member in members}
-        ray.train.report({"run": name, "resumed": resumed} | latest(members))
+        ray.train.report({"run": name, "resumed": resumed, "restarted": restarted} | latest(members))
     else:
         members = [new_member(config, spec, data) for spec in specs]
 

@@ -17,7 +17,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ensemble.hold import OutputDirHold
 from ensemble.launch import free_port
+from ensemble.outputs import Storage
 from ensemble.vote import vote
 
 from .conftest import REPO
@@ -177,6 +179,38 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
     from_png = predict(output, folder, tmp_path / "from-png.csv")
     assert from_png["File"].tolist() == [f"digit-{index:02d}.png" for index in range(10)]
     assert (from_png["Label"].to_numpy() == majority[:10]).sum() >= 8
+
+
+def test_a_held_or_damaged_run_is_refused_in_one_line(quickstart, tmp_path: Path, kaggle_dir: Path) -> None:
+    """A re-vote into a dir that another run holds, and a member's file cut short (a copy interrupted): each is
+    one line naming who holds the dir, or the member and the file."""
+    copy = tmp_path / "run"
+    shutil.copytree(quickstart[0], copy)
+    report = json.loads((copy / "report.json").read_text())
+    command = [sys.executable, "-m", "ensemble.revote", "--run", str(copy), "--method", "logits"]
+    with OutputDirHold(Storage(str(copy))):
+        held = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert held.returncode == 2 and held.stdout == ""
+    [line] = held.stderr.splitlines()
+    assert line.startswith(f"error: output dir {copy} is held by another run (host ") and f"pid {os.getpid()}," in line
+
+    for member, name in ((0, "model.keras"), (1, "logits.npz")):
+        damaged = copy / report["members"][member]["checkpoint"] / name
+        damaged.write_bytes(damaged.read_bytes()[:1000])
+    submission = (copy / "submission.csv").read_bytes()
+    revote = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert revote.returncode == 2 and (copy / "submission.csv").read_bytes() == submission
+    assert revote.stderr.splitlines() == [
+        f"error: member-01: {report['members'][1]['checkpoint']}/logits.npz cannot be read (BadZipFile: File is not a "
+        "zip file)"
+    ]
+    args = ["--run", str(copy), "--input", str(kaggle_dir / "test.csv"), "--output", str(tmp_path / "predicted.csv")]
+    predicted = subprocess.run(
+        [sys.executable, "-m", "ensemble.predict", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert predicted.returncode == 2 and not (tmp_path / "predicted.csv").exists()
+    [line] = predicted.stderr.splitlines()
+    assert line.startswith(f"error: member-00: {report['members'][0]['checkpoint']}/model.keras cannot be read (")
 
 
 def predict(run: Path, source: Path, target: Path, *options: str) -> pd.DataFrame:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.fs
 import pytest
 
+from ensemble import hold
 from ensemble.config import ConfigError
+from ensemble.hold import OutputDirHold
 from ensemble.outputs import Storage
 from tests.s3_server import S3Bucket
 from tests.s3_server import s3_bucket as s3_bucket  # the module-scoped server and bucket (re-export: a fixture)
@@ -154,3 +159,29 @@ def test_ray_storage_layer_on_the_same_location(s3: S3Bucket, tmp_path: Path) ->
     restored = Path(Checkpoint(storage.path("members", "m0", "checkpoint_000000"), storage.filesystem).to_directory())
     assert (restored / "assets" / "nested" / "weights.bin").read_bytes() == b"\x00\x01" * 1000
     assert "members/m0/.validate_storage_marker" in s3.files()
+
+
+def test_an_s3_output_dir_is_held_by_a_lease_that_another_run_takes_over_only_once_stale(
+    s3: S3Bucket, monkeypatch
+) -> None:
+    """Object stores have no locks: a lease object names the holder, whose heartbeat keeps it."""
+    monkeypatch.setattr(hold, "LEASE_BEAT_SECONDS", 0.2)
+    storage = Storage(s3.uri)
+    with OutputDirHold(storage) as first:
+        lease = json.loads(storage.read_text(hold.LEASE_FILE))
+        assert lease["pid"] == os.getpid() and lease["token"] == first.token
+        time.sleep(1.0)
+        assert json.loads(storage.read_text(hold.LEASE_FILE))["heartbeat"] > lease["heartbeat"]  # it beats
+        with pytest.raises(ConfigError) as refused:
+            OutputDirHold(Storage(s3.uri))
+        assert str(refused.value).startswith(f"output dir {s3.uri} is held by another run (host ")
+        assert str(refused.value).endswith("; wait for it to end, or use another --output-dir")
+        assert json.loads(storage.read_text(hold.LEASE_FILE))["token"] == first.token  # the refused run changed nothing
+    assert s3.objects() == []  # let go: the lease is gone, and the dir it created with it
+
+    # A holder that died without letting go: once its heartbeat is stale, the next run takes the dir over.
+    dead = {"host": "elsewhere", "pid": 1, "since": time.time() - 900, "token": "dead", "heartbeat": time.time() - 120}
+    storage.write_text(json.dumps(dead), hold.LEASE_FILE)
+    with OutputDirHold(storage) as second:
+        assert second.taken_over == dead
+        assert json.loads(storage.read_text(hold.LEASE_FILE))["token"] == second.token

@@ -1,0 +1,75 @@
+"""A full disk, said in one line: the output dir is a small tmpfs that fills up in the middle of a run. Once space
+is freed, the same command resumes: no epoch whose line was printed trains again."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ensemble.run import WHAT_IS_KEPT
+
+from .conftest import REPO
+
+# Two members of the quickstart in one group for 3 epochs: each group checkpoint is some 5.5 MB, so a 9 MiB disk
+# holds the run's first checkpoint and not its second.
+ARGS = ["--config", "configs/quickstart.yaml", "--set", "ensemble.members=2", "--set", "train.max_epochs=3"]
+ARGS += ["--set", "data.max_train_rows=1000", "--set", "model.bn_momentum=0.6", "--set", "resources.max_failures=0"]
+EPOCH = re.compile(r"^(member-\d\d) epoch (\d+):", re.MULTILINE)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[None]:
+    """A tmpfs of `size` mounted at `path` (root only: CI runs as root), unmounted at the end."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); CI runs as root and can")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def run(output: Path, ray_tmpdir: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env |= {"RAY_TMPDIR": str(ray_tmpdir), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "ensemble.run", *ARGS, "--output-dir", str(output)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes_once_space_is_freed(
+    tmp_path: Path,
+) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    output = disk / "run"
+    try:
+        with tmpfs(disk, "9m"):
+            full = run(output, ray_tmpdir)
+            assert full.returncode == 1, full.stdout[-3000:]
+            [line] = full.stderr.splitlines()
+            assert line.startswith(f"error: output dir {output}: cannot be written (")
+            assert "No space left on device" in line and line.endswith(f"; {WHAT_IS_KEPT}")
+            assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
+            printed = set(EPOCH.findall(full.stdout))
+            assert ("member-00", "1") in printed
+
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+            resumed = run(output, ray_tmpdir)
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert not printed & set(EPOCH.findall(resumed.stdout))  # no printed epoch trained again
+            assert {member for member, _ in printed} <= {
+                member for member in ("member-00", "member-01") if f"{member}: resuming after epoch" in resumed.stdout
+            }
+            assert len((output / "submission.csv").read_text().splitlines()) == 1001
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
