@@ -112,3 +112,20 @@ def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_pat
     labels = [line.split(",")[1] for line in (tmp_path / "predicted.csv").read_text().splitlines()[1:]]
     expected = [line.split(",")[1] for line in submission.splitlines()[1:51]]
     assert sum(a != b for a, b in zip(labels, expected, strict=True)) <= 1  # batch size may move a near-tie
+
+    # 3. member-00's logits cut short since (a copy interrupted): the rerun names the file, and its group, restored
+    # from that final checkpoint, predicts again without training; member-02 resumes and finishes.
+    damaged = output / member["checkpoint"].replace("member-01", "member-00") / "logits.npz"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    third = EnsembleProcess(*args)
+    assert third.finish() == 0, third.output[-3000:]
+    folder = member["checkpoint"].replace("member-01", "member-00")
+    assert (
+        f"member-00: {folder}/logits.npz cannot be read (BadZipFile: File is not a zip file); its group runs again"
+        in (third.output)
+    )
+    assert "member-00 epoch" not in third.output and "member-01 epoch" not in third.output
+    assert "member-02: resuming after epoch 1" in third.output
+    report = json.loads((output / "report.json").read_text())
+    assert [entry["name"] for entry in report["members"]] == ["member-00", "member-01", "member-02"]
+    assert report["members"][0]["epochs"] == 3 and report["failed_members"] == []
