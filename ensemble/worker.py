@@ -240,12 +240,8 @@ def restore_member(config: Config, spec: MemberSpec, data: EnsembleData, directo
     state = TrainingState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainingState)})
     best = None
     if (directory / BEST_WEIGHTS_FILE).is_file():
-
-        def read_weights(path: Path) -> list[np.ndarray]:
-            with np.load(path) as arrays:
-                return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-
-        best = read_member_file(spec.name, folder, BEST_WEIGHTS_FILE, read_weights, directory)
+        arrays = read_member_file(spec.name, folder, BEST_WEIGHTS_FILE, read_arrays, directory)
+        best = [arrays[f"arr_{i}"] for i in range(len(arrays))]
     model = read_member_file(spec.name, folder, MODEL_FILE, keras.models.load_model, directory)
     return restored_member(config, spec, data, model, state, best)
 
