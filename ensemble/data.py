@@ -32,7 +32,6 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from sklearn.model_selection import train_test_split
 
 from ensemble.config import DataConfig
 
@@ -338,14 +337,24 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     indices = np.arange(len(labels))
     if fraction == 0:
         return indices, indices[:0]
-    pool, holdout = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
-    return np.sort(pool), np.sort(holdout)
+    return _stratified_split(indices, labels, fraction, seed)
 
 
 def member_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, validation) into the pool, stratified, reproducible from `seed`."""
-    train, val = train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed)
-    return np.sort(train), np.sort(val)
+    return _stratified_split(np.arange(len(labels)), labels, val_fraction, seed)
+
+
+def _stratified_split(
+    indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, split-off `fraction`) of `indices`, each sorted, with the labels' class shares in both."""
+    # Imported here, not at the top: every Ray process that unpickles a group's trainer imports this module, and
+    # only those that split data need scikit-learn (2 s of start-up on a 2-core machine).
+    from sklearn.model_selection import train_test_split
+
+    rest, split_off = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(rest), np.sort(split_off)
 
 
 def _check_stratified(name: str, counts: np.ndarray, fraction: float, split: str, left: str = "") -> None:

@@ -67,8 +67,8 @@ class OutputDirHold:
         else:
             self.stopped.set()
             self.beats.join()
-            with contextlib.suppress(OSError, json.JSONDecodeError, TypeError):  # a storage that went away
-                if json.loads(self.storage.read_text(LEASE_FILE) or "{}").get("token") == self.token:
+            with contextlib.suppress(OSError):  # a storage that went away
+                if read_lease(self.storage).get("token") == self.token:
                     self.storage.filesystem.delete_file(self.storage.path(LEASE_FILE))
             self._remove_if_unused()
 
@@ -86,13 +86,13 @@ class OutputDirHold:
         os.pwrite(self.descriptor, json.dumps(self.holder).encode(), 0)
 
     def _lease(self) -> None:
-        lease = _holder(self.storage.read_text(LEASE_FILE) or "")
+        lease = read_lease(self.storage)
         if lease and time.time() - lease.get("heartbeat", 0) < LEASE_STALE_SECONDS:
             raise refusal(self.storage.location, lease)
         self.taken_over = lease or None
         self._beat()
         # Two runs that found no lease at once both wrote one: the one whose lease is not read back steps aside.
-        lease = _holder(self.storage.read_text(LEASE_FILE) or "")
+        lease = read_lease(self.storage)
         if lease.get("token") != self.token:
             raise refusal(self.storage.location, lease)
         self.stopped = threading.Event()
@@ -118,6 +118,19 @@ class OutputDirHold:
             names = [self.storage.relative(info.path) for info in self.storage.filesystem.get_file_info(selector)]
             if sorted(names) == sorted(left):
                 self.storage.filesystem.delete_dir(self.storage.root)
+
+
+def read_lease(storage: Storage, tries: int = 3) -> dict[str, Any]:
+    """The lease in an object-store dir ({} if there is none). A read can be torn while the holder rewrites
+    it: the store's reader asks the object's size, then reads that many bytes of what may by then be the next
+    heartbeat, a character longer or shorter. So a lease that does not parse, or cannot be read, is read again."""
+    for _ in range(tries - 1):
+        with contextlib.suppress(OSError):
+            text = storage.read_text(LEASE_FILE)
+            if text is None or _holder(text):
+                return _holder(text or "")
+        time.sleep(0.05)
+    return _holder(storage.read_text(LEASE_FILE) or "")
 
 
 def _holder(text: str) -> dict[str, Any]:

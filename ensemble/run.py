@@ -52,7 +52,7 @@ from ensemble.results import (
     write_results,
 )
 from ensemble.scoring import pseudo_labels, round_summary, score
-from ensemble.worker import group_trainer, write_storage_marker
+from ensemble.worker import run_group, write_storage_marker
 
 # What a run stopped by its storage (a full disk, a lost mount) says after the storage's own error.
 WHAT_IS_KEPT = "members that finished are kept; run the same command again once it can be written, to resume"
@@ -137,18 +137,6 @@ def member_groups(
     if saved is not None:
         return [[plan[index] for index in indices] for indices in json.loads(saved)]
     return launch.split_evenly(plan, launch.group_size(config.resources, len(plan), nodes))
-
-
-def run_group(
-    trial: dict[str, Any], config: Config, storage: Storage, marker: str, data_ref: tuple, board: Any
-) -> None:
-    """Ray Tune trial: fit one group as a Ray Train run (its reports reach Tune through TuneReportCallback)."""
-    group = trial["group"]
-    specs = [MemberSpec(**member) for member in group["members"]]
-    trainer = group_trainer(
-        config, specs, group["name"], storage, marker, data_ref[0], group["resources"], progress=board
-    )
-    trainer.fit()
 
 
 def train_groups(

@@ -70,6 +70,19 @@ def worker_env(train: TrainConfig, gpus: float) -> dict[str, str]:
     return env
 
 
+def run_group(
+    trial: dict[str, Any], config: Config, storage: Storage, marker: str, data_ref: tuple, board: Any
+) -> None:
+    """Ray Tune trial: fit one group as a Ray Train run (its reports reach Tune through TuneReportCallback).
+    Here, not in ensemble.run, so that the trial's process imports only this module, not the driver's."""
+    group = trial["group"]
+    specs = [MemberSpec(**member) for member in group["members"]]
+    trainer = group_trainer(
+        config, specs, group["name"], storage, marker, data_ref[0], group["resources"], progress=board
+    )
+    trainer.fit()
+
+
 def group_trainer(
     config: Config,
     specs: list[MemberSpec],

@@ -78,23 +78,10 @@ def test_quick_cpu_benchmark_reports_every_row(kaggle_dir: Path, tmp_path: Path)
     assert "python -m benchmarks.gpu" in result.stdout
 
 
-# The GPU benchmark's rows under JAX with --quick (a group of 2, one setting) and --member, in order.
+# The GPU benchmark's rows under JAX with --quick, in order, for the sections the device call leaves out (its
+# own: tests/test_on_gpu_script.py).
+GPU_SECTIONS = "throughput,recipe,sharing,member"
 GPU_ROWS = [
-    *(f"member groups of 2 (batch 64, float32, width 0.125): {kind}" for kind in ("unrolled", "jax.vmap", "jax.lax")),
-    *(
-        f"member groups of 2 (batch 128, mixed_bfloat16, width 0.125): {kind}"
-        for kind in ("unrolled", "jax.vmap", "jax.lax")
-    ),
-    "step profile: augmentation",
-    "step profile: forward pass",
-    "step profile: backward pass",
-    "step profile: optimizer",
-    "step profile: BatchNorm and ReLU",
-    "step profile: convolutions and dense",
-    "step profile: the whole step",
-    "step profile: host work of the package's loop",
-    "step profile: dispatch",
-    "step profile: host to device",
     "training img/s: mixed bfloat16",
     "training img/s: XLA off",
     "training img/s: augmentation on the host",
@@ -118,7 +105,7 @@ def test_quick_gpu_benchmark_runs_on_jax_without_tensorflow_or_ray(sample, tmp_p
     env = os.environ | {"KERAS_BACKEND": "jax", "DIGIT_ENSEMBLE_CACHE": str(tmp_path / "cache")}
     # --data-dir: Kaggle's zip itself.
     args = ["--quick", "--backends", "jax", "--data-dir", str(zipped(data)), "--json", str(out)]
-    args += ["--member", "configs/quickstart.yaml"]
+    args += ["--only", GPU_SECTIONS, "--member", "configs/quickstart.yaml"]
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
@@ -131,15 +118,11 @@ def test_quick_gpu_benchmark_runs_on_jax_without_tensorflow_or_ray(sample, tmp_p
     for row in rows:
         assert finite(row["measured"]), row["name"]
         assert row["name"] in result.stdout
-    # Every speed stands next to a baseline measured in the same run; the GPU's peak is unknown on a CPU, and a
-    # profiled part, a difference of two timings, may come out negative on a busy CPU.
+    # Every speed stands next to a baseline measured in the same run; the GPU's peak is unknown on a CPU.
     for row in rows:
         if row["unit"] in ("img/s", "s", "ms"):
             assert finite(row["baseline"]) and row["baseline"] > 0, row["name"]
-        if row["unit"] in ("img/s", "s", "TFLOP/s", "accuracy"):
-            assert row["measured"] > 0, row["name"]
-    for row in rows[:6]:  # each group's program and its baseline's: their compile seconds
-        assert set(row["extra"]["compile_seconds"]) == {"one after another", "unrolled", "vmapped", "mapped"}
+        assert row["measured"] > 0, row["name"]
     member = rows[-1]["extra"]["summary"]
     assert 1 <= member["best_epoch"] <= member["epochs"] <= 4 and member["holdout_accuracy"] > 0.3
 

@@ -1,9 +1,10 @@
 """benchmarks/on_gpu.sh, the one device call, whole on a CPU at a toy size: what the device tool would bring back.
 
-The script runs configs/gpu.yaml through Ray and then `python -m benchmarks.gpu` (its smallest run), all under
-one deadline, and leaves at most 7 files under $OUT (the tool brings back 8). Here the run asks for more CPUs than
-the machine has, so that Ray starts and the run stops at once (a run that trains is the end-to-end tests'): the
-benchmark still runs, and the summary says why the run failed. No timing is asserted: the deadline is far off.
+The script runs configs/gpu.yaml through Ray and then `python -m benchmarks.gpu` (the sections it measures on
+the device, for a group of 1 under --quick), all under one deadline, and leaves at most 7 files under $OUT (the
+tool brings back 8). Here the run asks for more CPUs than the machine has, so that Ray starts and the run stops
+at once (a run that trains is the end-to-end tests'): the benchmark still runs, and the summary says why the run
+failed. No timing is asserted: the deadline is far off.
 """
 
 from __future__ import annotations
@@ -19,11 +20,26 @@ import pytest
 from ensemble.data import write_kaggle_csv
 
 from .conftest import REPO
-from .test_bench import zipped
+from .test_bench import finite, row_prefixes, zipped
 
 TOY_RUN = "--set model.width=0.125 --set ensemble.members=2 --set resources.cpus_per_member=64"
-# The GPU benchmark's smallest run: a group of 1, three ways (its every section: tests/test_bench.py).
-TOY_BENCH = "--quick --only groups --groups 1"
+# The device call's sections of the GPU benchmark (the others: tests/test_bench.py), for a group of 1 at a toy size.
+TOY_BENCH = "--quick --groups 1"
+GROUP_KINDS = ("unrolled in one step (the package's)", "jax.vmap over", "jax.lax.map over")
+BENCH_ROWS = [
+    *(f"member groups of 1 (batch 64, float32, width 0.125): {kind}" for kind in GROUP_KINDS),
+    *(f"member groups of 1 (batch 128, mixed_bfloat16, width 0.125): {kind}" for kind in GROUP_KINDS),
+    "step profile: augmentation",
+    "step profile: forward pass",
+    "step profile: backward pass",
+    "step profile: optimizer",
+    "step profile: BatchNorm and ReLU",
+    "step profile: convolutions and dense",
+    "step profile: the whole step",
+    "step profile: host work of the package's loop",
+    "step profile: dispatch",
+    "step profile: host to device",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +70,16 @@ def test_the_device_call_brings_back_the_benchmark_and_the_logs_in_at_most_7_fil
     assert sorted(path.name for path in out.iterdir()) == ["bench-gpu.json", "logs.tar.gz", "summary.txt"]
     assert all(path.is_file() for path in out.iterdir())  # nothing in folders, which the tool may not bring back
     bench = json.loads((out / "bench-gpu.json").read_text())
-    assert bench["finished"] and len(bench["rows"]) == 3 and bench["imported"] == []
+    assert bench["finished"] and bench["imported"] == []  # the GPU path needs neither TensorFlow nor Ray
+    rows = bench["rows"]
+    assert row_prefixes(rows, BENCH_ROWS) == BENCH_ROWS
+    # Every speed stands next to a baseline measured in the same run; a profiled part, a difference of two
+    # timings, may come out negative on a busy CPU.
+    for row in rows:
+        assert finite(row["measured"]) and finite(row["baseline"]) and row["baseline"] > 0, row["name"]
+    for row in rows[:6]:  # each group's program and its baseline's: their compile seconds
+        assert set(row["extra"]["compile_seconds"]) == {"one after another", "unrolled", "vmapped", "mapped"}
+        assert row["measured"] > 0, row["name"]
     with tarfile.open(out / "logs.tar.gz") as logs:
         names = logs.getnames()
     for name in ("preflight.log", "run.log", "bench.log", "bench-table.txt", "commands.txt", "nvidia-smi.csv"):
@@ -74,5 +99,5 @@ def test_its_last_lines_summarise_the_call_and_say_why_a_step_failed(device_call
     refusal = "  run log: error: a group of 2 members needs 64 CPU and 0 GPU on one node, but no node of this cluster "
     refusal += f"has that (its nodes: {os.cpu_count()} CPU, 0 GPU)"
     assert any(line.startswith(refusal) for line in lines), summary  # the run's own line: why it stopped
-    assert "bench: 3 rows, finished: True" in summary  # a group of 1: unrolled, vmapped, mapped
+    assert f"bench: {len(BENCH_ROWS)} rows, finished: True" in summary
     assert lines[-1].startswith("files: bench-gpu.json logs.tar.gz summary.txt in ")

@@ -168,15 +168,15 @@ def test_an_s3_output_dir_is_held_by_a_lease_that_another_run_takes_over_only_on
     monkeypatch.setattr(hold, "LEASE_BEAT_SECONDS", 0.2)
     storage = Storage(s3.uri)
     with OutputDirHold(storage) as first:
-        lease = json.loads(storage.read_text(hold.LEASE_FILE))
+        lease = hold.read_lease(storage)
         assert lease["pid"] == os.getpid() and lease["token"] == first.token
         time.sleep(1.0)
-        assert json.loads(storage.read_text(hold.LEASE_FILE))["heartbeat"] > lease["heartbeat"]  # it beats
+        assert hold.read_lease(storage)["heartbeat"] > lease["heartbeat"]  # it beats
         with pytest.raises(ConfigError) as refused:
             OutputDirHold(Storage(s3.uri))
         assert str(refused.value).startswith(f"output dir {s3.uri} is held by another run (host ")
         assert str(refused.value).endswith("; wait for it to end, or use another --output-dir")
-        assert json.loads(storage.read_text(hold.LEASE_FILE))["token"] == first.token  # the refused run changed nothing
+        assert hold.read_lease(storage)["token"] == first.token  # the refused run changed nothing
     assert s3.objects() == []  # let go: the lease is gone, and the dir it created with it
 
     # A holder that died without letting go: once its heartbeat is stale, the next run takes the dir over.
@@ -184,4 +184,4 @@ def test_an_s3_output_dir_is_held_by_a_lease_that_another_run_takes_over_only_on
     storage.write_text(json.dumps(dead), hold.LEASE_FILE)
     with OutputDirHold(storage) as second:
         assert second.taken_over == dead
-        assert json.loads(storage.read_text(hold.LEASE_FILE))["token"] == second.token
+        assert hold.read_lease(storage)["token"] == second.token
