@@ -26,7 +26,6 @@ from ensemble.config import AugmentConfig
 
 # One row per image: [a0, a1, a2, b0, b1, b2, 0, 0]; output (x, y) reads input (a0 x + a1 y + a2, b0 x + b1 y + b2),
 # the layout of keras.ops.image.affine_transform and TensorFlow's ImageProjectiveTransformV3.
-IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
 
 
 def compose_matrices(

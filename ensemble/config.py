@@ -267,6 +267,11 @@ def _validate(config: Config) -> None:
     precisions = ("float32", "mixed_bfloat16", "mixed_float16")
     check(config.train.precision in precisions, "train.precision", f"must be one of {', '.join(precisions)}")
     check(config.train.jit_compile in (True, False, "auto"), "train.jit_compile", "must be true, false or 'auto'")
+    check(
+        config.train.jit_compile is not False or config.train.backend == "tensorflow",
+        "train.jit_compile",
+        "must not be false under train.backend jax, whose steps XLA always compiles (false: TensorFlow eager)",
+    )
     check(ensemble.members >= 1, "ensemble.members", "must be at least 1")
     check(0 <= ensemble.strength_min <= ensemble.strength_max, "ensemble.strength_min", "must be in [0, strength_max]")
     check(

@@ -91,6 +91,5 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int 
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, **ema),
         loss=loss,
-        metrics=["accuracy"],
         jit_compile=config.jit_compile,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.config import ConfigError
-from ensemble.data import IMAGE_SIDE, DataError, read_kaggle_csv
+from ensemble.data import IMAGE_SIDE, NUM_CLASSES, DataError, read_kaggle_csv
 from ensemble.outputs import MODEL_FILE, Storage, native_stderr_silenced, read_member_file
 from ensemble.results import member_checkpoint, read_report
 from ensemble.vote import vote, vote_probabilities
@@ -69,7 +69,7 @@ def predictions_csv(scores: np.ndarray, method: str, files: list[str] | None, pr
         "ImageId",
         "Label",
         *(["File"] if files else []),
-        *([f"p{d}" for d in range(10)] if probabilities else []),
+        *([f"p{d}" for d in range(NUM_CLASSES)] if probabilities else []),
     ]
     shares = vote_probabilities(scores, method)
     lines = [",".join(header)]

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
+from ensemble.data import NUM_CLASSES
 from ensemble.outputs import HTML_REPORT_FILE, Storage, round_line, verdict
 from ensemble.vote import vote, vote_probabilities
 
@@ -94,14 +95,15 @@ def plot_ensemble_size(curve: dict) -> bytes:
 
 
 def plot_confusion(labels: np.ndarray, predicted: np.ndarray) -> bytes:
-    matrix = confusion_matrix(labels, predicted, labels=range(10))
+    matrix = confusion_matrix(labels, predicted, labels=range(NUM_CLASSES))
     figure, axis = _figure(figsize=(6, 5.5))
     axis.imshow(np.log1p(matrix), cmap="Blues")
     for (row, column), count in np.ndenumerate(matrix):
         if count:
             color = "white" if row == column else "black"
             axis.text(column, row, count, ha="center", va="center", fontsize=8, color=color)
-    axis.set(xlabel="predicted", ylabel="true", title="Ensemble on the holdout", xticks=range(10), yticks=range(10))
+    digits = range(NUM_CLASSES)
+    axis.set(xlabel="predicted", ylabel="true", title="Ensemble on the holdout", xticks=digits, yticks=digits)
     return _png(figure)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each file's tests keep their order
+
+
+@pytest.fixture(autouse=True)
+def runs_end_with_their_test() -> Iterator[None]:
+    """Whatever run a test started through tests/helpers.py ends with the test, passed or failed."""
+    from .helpers import end_runs_left_running  # helpers imports REPO from here
+
+    yield
+    end_runs_left_running()
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import io
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -37,6 +39,7 @@ class EnsembleProcess:
 
     def __init__(self, *args: str, terminal: bool = False):
         self.started = time.monotonic()
+        STARTED.append(self)
         streams: dict = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         if terminal:
             leader, follower = pty.openpty()
@@ -101,16 +104,34 @@ class EnsembleProcess:
         self.reader.join(30)
         return code
 
+    def session_pids(self) -> list[int]:
+        """Every process still in the run's session: the driver, its local Ray, the workers."""
+        listing = subprocess.run(["ps", "-s", str(self.process.pid), "-o", "pid="], capture_output=True, text=True)
+        return [int(pid) for pid in listing.stdout.split()]
+
     def kill_everything(self) -> None:
         """SIGKILL the driver and every process of its session (its local Ray cluster): a crash."""
-        subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], check=False)
-        self.process.wait(60)
         deadline = time.monotonic() + 60
-        while subprocess.run(["pgrep", "-s", str(self.process.pid)], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "processes of the killed run survived"
-            subprocess.run(["pkill", "-KILL", "-s", str(self.process.pid)], check=False)
+        while pids := self.session_pids():
+            assert time.monotonic() < deadline, f"processes of the killed run survived: {pids}"
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             time.sleep(0.5)
+            self.process.poll()  # reaps the driver, which ps would list until then
         self.reader.join(30)
+
+
+STARTED: list[EnsembleProcess] = []  # this test's runs, which tests/conftest.py ends after the test
+
+
+def end_runs_left_running() -> None:
+    """Kill every run a test started that still has a process, however the test ended (a failed wait_for, a
+    timeout): no driver or local Ray of a finished test trains on through the rest of the suite."""
+    while STARTED:
+        run = STARTED.pop()
+        if run.session_pids():
+            run.kill_everything()
 
 
 def planned_and_reported(report: dict, overrides: list[str], round: int = 0) -> tuple[list[dict], list[dict]]:

@@ -13,9 +13,14 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from ensemble.data import read_kaggle_csv, write_kaggle_csv
 
 from .conftest import REPO
+
+# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+pytestmark = pytest.mark.timeout(600)
 
 # The CPU benchmark's rows under --quick, in order (the names' prefixes; some go on with their parameters).
 CPU_ROWS = [

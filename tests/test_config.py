@@ -68,3 +68,10 @@ def test_an_override_whose_value_is_not_yaml_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["train.schedule=[cosine"])
     assert str(caught.value).startswith("--set 'train.schedule=[cosine': the value is not valid YAML (")
+
+
+def test_xla_off_is_refused_where_it_would_be_ignored() -> None:
+    """Under JAX the package's training step is always XLA-compiled: jit_compile false would change nothing."""
+    with pytest.raises(ConfigError, match=r"^config key 'train.jit_compile' must not be false under train.backend jax"):
+        load_config(None, ["train.backend=jax", "train.jit_compile=false"])
+    assert load_config(None, ["train.jit_compile=false"]).train.jit_compile is False

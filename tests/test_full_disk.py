@@ -19,6 +19,9 @@ from ensemble.run import WHAT_IS_KEPT
 
 from .conftest import REPO
 
+# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+pytestmark = pytest.mark.timeout(900)
+
 # Two members of the quickstart in one group for 3 epochs: each group checkpoint is some 5.5 MB, so a 9 MiB disk
 # holds the run's first checkpoint and not its second.
 ARGS = ["--config", "configs/quickstart.yaml", "--set", "ensemble.members=2", "--set", "train.max_epochs=3"]

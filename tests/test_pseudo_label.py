@@ -13,7 +13,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from .helpers import EnsembleProcess, planned_and_reported
+
+# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+pytestmark = pytest.mark.timeout(900)
 
 ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=2000", "--set", "data.max_test_rows=500"]
 ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0", "--set", "train.max_epochs=2"]

@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 import yaml
 
 from ensemble.config import load_config
 
 from .conftest import REPO
+
+# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+pytestmark = pytest.mark.timeout(900)
 
 SPACE = {"train.learning_rate": {"choice": [0.001, 0.003]}, "augment.scale": {"uniform": [0.5, 1.5]}}
 
