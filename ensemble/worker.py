@@ -1,9 +1,9 @@
 """A group of members as one Ray Train run: its trainer, and the worker loop that checkpoints the members.
 
-`group_trainer`, called in the group's Tune trial, builds the run: Ray Train's framework-neutral
-DataParallelTrainer with one worker, whose runtime environment sets KERAS_BACKEND before Keras is
-imported there. `train_group` runs in that worker: it restores each member from the run's latest
-checkpoint (or starts it fresh), trains the members together (ensemble/train.py), and reports
+`run_group`, the group's Ray Tune trial, builds the run with `group_trainer` (as ensemble.tune's trials do):
+Ray Train's framework-neutral DataParallelTrainer with one worker, whose runtime environment sets
+KERAS_BACKEND before Keras is imported there. `train_group` runs in that worker: it restores each member
+from the run's latest checkpoint (or starts it fresh), trains the members together (ensemble/train.py), and reports
 checkpoints through `ray.train.report`. A checkpoint holds one folder per member (its model with the
 optimizer state, its training state, its best weights), so every member resumes where it stood; the
 final one adds each member's logits and marks the group done, and a done group is not trained again.
