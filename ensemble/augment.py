@@ -24,10 +24,10 @@ from keras import ops
 
 from ensemble.config import AugmentConfig
 
-# One row per image: [a0, a1, a2, b0, b1, b2, 0, 0]; output (x, y) reads input (a0 x + a1 y + a2, b0 x + b1 y + b2),
-# the layout of keras.ops.image.affine_transform and TensorFlow's ImageProjectiveTransformV3.
 
-
+# Every function below takes and returns one row per image: [a0, a1, a2, b0, b1, b2, 0, 0]; output (x, y) reads
+# input (a0 x + a1 y + a2, b0 x + b1 y + b2), the layout of keras.ops.image.affine_transform and TensorFlow's
+# ImageProjectiveTransformV3.
 def compose_matrices(
     rotation: Any, shear: Any, zoom_x: Any, zoom_y: Any, shift_x: Any, shift_y: Any, image_size: int
 ) -> Any:

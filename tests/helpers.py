@@ -16,6 +16,7 @@ import sys
 import termios
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ensemble.config import load_config
@@ -39,7 +40,6 @@ class EnsembleProcess:
 
     def __init__(self, *args: str, terminal: bool = False):
         self.started = time.monotonic()
-        STARTED.append(self)
         streams: dict = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         if terminal:
             leader, follower = pty.openpty()
@@ -52,6 +52,7 @@ class EnsembleProcess:
             start_new_session=True,  # its own session: a kill can take the driver and its local cluster
             **streams,
         )
+        STARTED.append(self)
         if terminal:
             os.close(follower)
             source = os.fdopen(leader, "r", errors="replace")
@@ -130,7 +131,9 @@ def end_runs_left_running() -> None:
     timeout): no driver or local Ray of a finished test trains on through the rest of the suite."""
     while STARTED:
         run = STARTED.pop()
-        if run.session_pids():
+        pids = run.session_pids()
+        # A reaped driver's pid may since lead another session (another test's run): that one is not ours.
+        if pids and not (run.process.returncode is not None and run.process.pid in pids):
             run.kill_everything()
 
 
@@ -140,3 +143,12 @@ def planned_and_reported(report: dict, overrides: list[str], round: int = 0) -> 
     plan = plan_members(load_config("configs/quickstart.yaml", overrides).ensemble)
     planned = [dataclasses.asdict(dataclasses.replace(spec, round=round)) for spec in plan]
     return planned, [{key: member[key] for key in planned[0]} for member in report["members"]]
+
+
+def checkpoint_files(group_dir: Path) -> dict[str, bytes]:
+    """Every file of a group's checkpoints, by its path under the group's folder."""
+    return {
+        str(path.relative_to(group_dir)): path.read_bytes()
+        for path in sorted(group_dir.glob("checkpoint_*/**/*"))
+        if path.is_file()
+    }

@@ -21,7 +21,8 @@ from ensemble.run import final_checkpoint
 from .conftest import REPO
 from .helpers import EnsembleProcess
 
-# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+# Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
+# its commands' own time limits, whose failures say more.
 pytestmark = pytest.mark.timeout(1500)
 
 # The quickstart on a slice of its digits: each epoch a few seconds, members that learn well above chance.
@@ -34,9 +35,9 @@ SMALL += ["--set", "model.bn_momentum=0.6"]
 def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_path: Path) -> None:
     """Every way a group of members can die, in two runs of three members in two groups (member-00 and member-01
     train together, member-02 alone), one group at a time, a finished member's file damaged between them, with
-    mixed bfloat16 (meant for GPUs, here on the CPU)
-    and the options a resume must carry across: cosine annealing, the weights' moving average, test-time
-    augmentation and the weighted vote. Then the finished run is re-voted and predicts."""
+    mixed bfloat16 (meant for GPUs, here on the CPU) and the options a resume must carry across: cosine
+    annealing, the weights' moving average, test-time augmentation and the weighted vote. Then the finished run
+    is re-voted and predicts."""
     output = tmp_path / "run"
     args = [*SMALL, "--output-dir", str(output), "--set", "ensemble.members=3", "--set", "train.max_epochs=3"]
     args += ["--set", "resources.members_per_worker=2", "--set", "resources.max_parallel_members=1"]
@@ -59,6 +60,7 @@ def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_pat
     # member-00's logits cut short since (a copy interrupted): the rerun must name the file, and its finished
     # group, restored from that final checkpoint, predict again without training.
     folder = final_checkpoint(Storage(str(output)), "group-00")
+    assert folder, "member-00 and member-01 did not finish in the first run"
     logits = output / folder / "member-00" / "logits.npz"
     logits.write_bytes(logits.read_bytes()[:1000])
 

@@ -19,7 +19,8 @@ from ensemble.run import WHAT_IS_KEPT
 
 from .conftest import REPO
 
-# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+# Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
+# its commands' own time limits, whose failures say more.
 pytestmark = pytest.mark.timeout(900)
 
 # Two members of the quickstart in one group for 3 epochs: each group checkpoint is some 5.5 MB, so a 9 MiB disk

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import EnsembleProcess, planned_and_reported
+from .helpers import EnsembleProcess, checkpoint_files, planned_and_reported
 
-# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+# Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
+# its commands' own time limits, whose failures say more.
 pytestmark = pytest.mark.timeout(900)
 
 ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=2000", "--set", "data.max_test_rows=500"]
@@ -49,9 +50,13 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     added = int(ROUND.search(first.output)[1])
     assert 250 < added < 500  # most test digits, not all: the rest are less sure
 
+    round_0 = checkpoint_files(output / "members" / "group-00")
+    assert round_0
+
     second = EnsembleProcess(*ARGS, "--output-dir", str(output))
     assert second.finish() == 0, second.output[-3000:]
     assert "member-00 epoch" not in second.output and "member-01 epoch" not in second.output  # round 0 kept
+    assert checkpoint_files(output / "members" / "group-00") == round_0  # read back, its files as they were
     assert "member-00-round-1: resuming after epoch 1" in second.output
     assert {match.groups() for match in EPOCH.finditer(second.output)} == {
         ("member-00-round-1", "2"), ("member-01-round-1", "2"),

@@ -15,7 +15,8 @@ from ensemble.config import load_config
 
 from .conftest import REPO
 
-# Seconds for the whole test, set-up included: about 3x its time in CI (pyproject.toml: the default).
+# Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
+# its commands' own time limits, whose failures say more.
 pytestmark = pytest.mark.timeout(900)
 
 SPACE = {"train.learning_rate": {"choice": [0.001, 0.003]}, "augment.scale": {"uniform": [0.5, 1.5]}}
