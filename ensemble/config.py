@@ -38,6 +38,10 @@ class DataConfig:
     # Each member's own validation split of the rest, for early stopping. 0: members train on all of it, for
     # the whole epoch budget (train.patience must then be >= train.max_epochs), and report no validation score.
     val_fraction: float = 0.2
+    # K >= 2: a stratified K-fold split of the pool (drawn from holdout_seed) instead of val_fraction, which
+    # must then be 0. Member i validates on fold i mod K and trains on the others; with members = K every
+    # pool image is scored once by a member that never trained on it (the report's out-of-fold accuracy).
+    folds: int = 0
 
 
 @dataclass
@@ -233,8 +237,14 @@ def _validate(config: Config) -> None:
     check(data.source != "kaggle" or data.dir is not None, "data.dir", "is required when data.source is 'kaggle'")
     check(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
     check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    check(data.folds == 0 or data.folds >= 2, "data.folds", "must be 0 (off) or at least 2")
     check(
-        data.val_fraction > 0 or config.train.patience >= config.train.max_epochs,
+        data.folds == 0 or data.val_fraction == 0,
+        "data.folds",
+        "gives each member its fold to validate on: set data.val_fraction to 0",
+    )
+    check(
+        data.val_fraction > 0 or data.folds or config.train.patience >= config.train.max_epochs,
         "data.val_fraction",
         "is 0, so there is nothing to stop early on: set train.patience >= train.max_epochs (a fixed budget)",
     )

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from ensemble.config import DataConfig
+from ensemble.plan import MemberSpec
 
 IMAGE_SIDE = 28
 PIXELS = [f"pixel{i}" for i in range(IMAGE_SIDE * IMAGE_SIDE)]
@@ -332,6 +333,20 @@ def load_inputs(config: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return images[: config.max_train_rows], labels[: config.max_train_rows], test_images[: config.max_test_rows]
 
 
+def member_splits(config: DataConfig, spec: MemberSpec, data: EnsembleData) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices of a member: its split of the pool (its fold with data.folds, all of the
+    pool with val_fraction 0), then every pseudo-labelled image, which follow the pool in a group's images."""
+    folds = config.folds
+    if folds:
+        train, val = fold_split(data.pool_labels, folds, spec.index % folds, config.holdout_seed)
+    elif config.val_fraction == 0:
+        train, val = np.arange(len(data.pool_labels)), np.arange(0)
+    else:
+        train, val = member_split(data.pool_labels, config.val_fraction, spec.split_seed)
+    extra = len(data.pool_labels) + np.arange(len(data.pseudo_labels))
+    return np.concatenate([train, extra]), val
+
+
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (pool, holdout): a stratified holdout of `fraction`; an empty holdout when 0."""
     indices = np.arange(len(labels))
@@ -343,6 +358,19 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 def member_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, validation) into the pool, stratified, reproducible from `seed`."""
     return _stratified_split(np.arange(len(labels)), labels, val_fraction, seed)
+
+
+def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) into the pool: fold `fold` of its stratified `folds`-fold split validates.
+
+    The split depends on the labels and `seed` alone, so the folds of every member of a run are disjoint and
+    cover the pool; fold sizes differ by at most one image per digit.
+    """
+    from sklearn.model_selection import StratifiedKFold  # here, not at the top: see _stratified_split
+
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train, validation = list(splitter.split(np.zeros(len(labels)), labels))[fold]
+    return np.sort(train), np.sort(validation)
 
 
 def _stratified_split(
@@ -380,7 +408,8 @@ def _check_stratified(name: str, counts: np.ndarray, fraction: float, split: str
 
 def check_class_counts(labels: np.ndarray, config: DataConfig, name: str) -> None:
     """Raise DataError unless `labels` allow the stratified common holdout and every member's stratified
-    train/validation split of what the holdout leaves, as `config` sets them; `name` names the labels' file.
+    train/validation split (or folds) of what the holdout leaves, as `config` sets them; `name` names the
+    labels' file.
 
     Run before anything trains, so that a small or lopsided train.csv is one clear line, not scikit-learn's
     traceback from inside a member. It follows sklearn's rules from the counts alone; the member split's
@@ -397,11 +426,19 @@ def check_class_counts(labels: np.ndarray, config: DataConfig, name: str) -> Non
     holdout = config.holdout_fraction
     if holdout > 0:
         _check_stratified(name, counts, holdout, f"the stratified holdout (data.holdout_fraction {holdout:g})")
+    pool, _ = holdout_split(labels, holdout, config.holdout_seed)
+    pool_counts = np.bincount(labels[pool], minlength=NUM_CLASSES)
+    left = " left after the holdout" if holdout > 0 else ""
     if config.val_fraction > 0:  # 0: members train on the whole pool, no split to check
-        pool, _ = holdout_split(labels, holdout, config.holdout_seed)
         split = f"each member's stratified validation split (data.val_fraction {config.val_fraction:g})"
-        left = " left after the holdout" if holdout > 0 else ""
-        _check_stratified(name, np.bincount(labels[pool], minlength=NUM_CLASSES), config.val_fraction, split, left)
+        _check_stratified(name, pool_counts, config.val_fraction, split, left)
+    fewest = int(pool_counts[present].min())
+    if config.folds > fewest:  # StratifiedKFold puts at least one image of each digit in every fold
+        digit = present[np.argmin(pool_counts[present])]
+        raise DataError(
+            f"{name}: digit {digit} has only {fewest} images{left}; data.folds {config.folds} needs at least "
+            "one in every fold"
+        )
 
 
 def _train_name(config: DataConfig, rows: int) -> str:

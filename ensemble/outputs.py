@@ -165,8 +165,38 @@ def summary_table(report: dict[str, Any]) -> str:
     lines.append(f"{'ensemble':<43}   {percent(ensemble['holdout_accuracy'], ensemble['holdout_interval'])}")
     if "against_best_member" in ensemble:
         lines.append(verdict(ensemble["against_best_member"], ensemble["holdout_accuracy"]))
+    lines += estimate_lines(ensemble)
     lines += [round_line(entry) for entry in report.get("rounds", [])]
     return "\n".join(lines)
+
+
+def estimate_lines(ensemble: dict[str, Any]) -> list[str]:
+    """With data.folds: the members' out-of-fold accuracy, and the accuracy to expect on unseen images."""
+    if "out_of_fold" not in ensemble:
+        return []
+    fold, expected = ensemble["out_of_fold"], ensemble["expected_on_unseen"]
+
+    def percent(value: float, interval: list[float]) -> str:
+        return f"{100 * value:.2f}% [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+    by = "a member" if fold["members_per_image"] == 1 else "the members"
+    lines = [
+        f"out of fold: {percent(fold['accuracy'], fold['interval'])} on {fold['images']:,} pool images, each "
+        f"predicted by {by} that never trained on it"
+    ]
+    gain = expected["holdout_gain_over_average_member"]
+    if gain is None:
+        lines.append(
+            f"expected on unseen images: at least {percent(expected['accuracy'], expected['interval'])}, the "
+            "members' out-of-fold accuracy (no holdout to measure what the vote adds)"
+        )
+    else:
+        lines.append(
+            f"expected on unseen images: {percent(expected['accuracy'], expected['interval'])}: the members out of "
+            f"fold, {gain * 100:+.2f} points that the vote adds to its average member on the "
+            f"{ensemble['holdout_size']:,}-image holdout"
+        )
+    return lines
 
 
 def round_line(entry: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
 from ensemble.data import NUM_CLASSES
-from ensemble.outputs import HTML_REPORT_FILE, Storage, round_line, verdict
+from ensemble.outputs import HTML_REPORT_FILE, Storage, estimate_lines, round_line, verdict
 from ensemble.vote import vote, vote_probabilities
 
 RANDOM_ORDERS = 50
@@ -155,7 +155,7 @@ def _html(report: dict[str, Any], images: dict[str, bytes], notes: list[str]) ->
     rows = "".join(
         f"<tr><td>{html.escape(m['name'])}</td><td>{m['seed']}</td><td>{m['split_seed']}</td>"
         f"<td>{m['strength']:.2f}</td><td>{m['epochs']}</td><td>{m['best_epoch']}</td>"
-        f"<td>{_percent(m['val_accuracy'])}</td>"
+        f"<td>{_percent(m['val_accuracy'])}</td><td>{_percent(m.get('fold_accuracy'))}</td>"
         f"<td>{_percent(m['holdout_accuracy'])}{_interval(m['holdout_interval'])}</td></tr>"
         for m in report["members"]
     )
@@ -166,6 +166,7 @@ def _html(report: dict[str, Any], images: dict[str, bytes], notes: list[str]) ->
     )
     if "against_best_member" in ensemble:
         notes = [verdict(ensemble["against_best_member"], ensemble["holdout_accuracy"]), *notes]
+    notes = estimate_lines(ensemble) + notes
     extra = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     tta = (
         f" ({_percent(ensemble['holdout_accuracy_without_tta'])} without test-time augmentation)"
@@ -183,7 +184,7 @@ holdout accuracy <b>{_percent(ensemble["holdout_accuracy"])}</b>{_interval(ensem
 on {ensemble["holdout_size"]} images.</p>
 <ul>{extra}</ul>
 <table><tr><th>member</th><th>seed</th><th>split seed</th><th>aug. strength</th><th>epochs</th>
-<th>best epoch</th><th>val accuracy</th><th>holdout accuracy</th></tr>{rows}</table>
+<th>best epoch</th><th>val accuracy</th><th>fold accuracy</th><th>holdout accuracy</th></tr>{rows}</table>
 {figures}
 </body></html>
 """
@@ -226,6 +227,10 @@ def render_report(
             "with equal weights."
         )
     notes += [round_line(entry) for entry in report.get("rounds", [])]
+    if report["members"][0].get("fold_accuracy") is not None:
+        notes.append(
+            "Fold accuracy: each member on its fold of the pool (data.folds) with its final weights, as it votes."
+        )
     if any(member["val_accuracy"] is None for member in report["members"]):
         notes.append("Members without a validation split (data.val_fraction 0) trained on their whole pool.")
     for name, png in images.items():

@@ -93,6 +93,9 @@ def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> Finished
         holdout=arrays.get("holdout_tta", arrays["holdout"]),
         test=arrays.get("test_tta", arrays["test"]),
         holdout_plain=arrays["holdout"],
+        validation=arrays.get("validation_tta", arrays.get("validation")),
+        validation_index=arrays.get("validation_index"),
+        validation_labels=arrays.get("validation_labels"),
     )
     return FinishedMember(entry, history, logits)
 
@@ -138,7 +141,8 @@ def load_run(location: str) -> RunResults:
 
 def write_results(run: RunResults, method: str) -> dict[str, Any]:
     """Vote with `method`, then write submission.csv, report.json and report.html; returns the report."""
-    scores = score([member.logits for member in run.members], run.holdout_labels, method, run.config["ensemble"]["tta"])
+    folds = run.config["data"].get("folds", 0)  # a run of an older version has no key
+    scores = score([m.logits for m in run.members], run.holdout_labels, method, run.config["ensemble"]["tta"], folds)
     report = {
         "members": [member.entry | scored for member, scored in zip(run.members, scores.members, strict=True)],
         "failed_members": run.failed,

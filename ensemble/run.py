@@ -80,12 +80,13 @@ def print_plan(
 ) -> None:
     """The resolved plan; count_parameters builds the model in this process (with Keras' backend imported)."""
     print(f"output dir: {config.output_dir}")
-    split = config.data.val_fraction
-    per_member = (
-        f"{1 - split:.0%} train / {split:.0%} validation per member"
-        if split
-        else "all of it trained on by every member"
-    )
+    split, folds = config.data.val_fraction, config.data.folds
+    if folds:
+        per_member = f"{folds} folds: member i validates on fold i mod {folds} and trains on the others"
+    elif split:
+        per_member = f"{1 - split:.0%} train / {split:.0%} validation per member"
+    else:
+        per_member = "all of it trained on by every member"
     print(
         f"data: {len(data.pool_labels)} pool images ({per_member}), {len(data.holdout_labels)} holdout, "
         f"{len(data.test_images)} test"

@@ -30,7 +30,7 @@ import numpy as np
 
 from ensemble.augment import RandomAffine
 from ensemble.config import Config
-from ensemble.data import NUM_CLASSES, EnsembleData, member_split
+from ensemble.data import NUM_CLASSES, EnsembleData, member_splits
 from ensemble.fused import FusedGroup, fused_group
 from ensemble.model import build_model, compile_model
 from ensemble.plan import MemberSpec
@@ -90,20 +90,10 @@ class Member:
     state: TrainingState
     best_weights: list[np.ndarray] | None  # the best epoch's weights; None: the model's own (no validation)
     train_index: np.ndarray  # into the group's training images (the pool, then any pseudo-labelled ones)
-    val_index: np.ndarray  # into the pool; empty when data.val_fraction is 0
+    val_index: np.ndarray  # into the pool: its validation split or fold; empty when it has neither
 
     def finished(self, config: Config) -> bool:
         return self.state.stopped or self.state.epochs >= config.train.max_epochs
-
-
-def member_splits(config: Config, spec: MemberSpec, data: EnsembleData) -> tuple[np.ndarray, np.ndarray]:
-    """(training, validation) indices of a member: its split of the pool, plus every pseudo-labelled image."""
-    if config.data.val_fraction == 0:
-        train, val = np.arange(len(data.pool_labels)), np.arange(0)
-    else:
-        train, val = member_split(data.pool_labels, config.data.val_fraction, spec.split_seed)
-    extra = len(data.pool_labels) + np.arange(len(data.pseudo_labels))
-    return np.concatenate([train, extra]), val
 
 
 def steps_per_epoch(config: Config, train_images: int) -> int:
@@ -115,7 +105,7 @@ def new_member(config: Config, spec: MemberSpec, data: EnsembleData) -> Member:
     seed_everything(spec.seed)
     augmentation = RandomAffine(dataclasses.asdict(config.augment), spec.strength, name="augment")
     model = build_model(config.model, augmentation)
-    train, val = member_splits(config, spec, data)
+    train, val = member_splits(config.data, spec, data)
     compile_model(model, config.train, steps_per_epoch(config, len(train)))
     model.optimizer.build(model.trainable_variables)
     return Member(spec, model, TrainingState(), None, train, val)
@@ -130,7 +120,7 @@ def restored_member(
     best_weights: list[np.ndarray] | None,
 ) -> Member:
     """A member from its checkpoint: the saved model (with its optimizer), training state and best weights."""
-    return Member(spec, model, state, best_weights, *member_splits(config, spec, data))
+    return Member(spec, model, state, best_weights, *member_splits(config.data, spec, data))
 
 
 def epoch_batches(member: Member, epoch: int, batch_size: int) -> np.ndarray:
@@ -200,7 +190,10 @@ class Group:
     def _train_epoch(self, training: list[Member], epoch: int, on_progress: ProgressHook | None) -> None:
         """One epoch of `training` (members at `epoch` epochs so far), validated; their states record it."""
         positions = tuple(self.members.index(member) for member in training)
-        batches = np.stack([epoch_batches(member, epoch, self.config.train.batch_size) for member in training])
+        per_member = [epoch_batches(member, epoch, self.config.train.batch_size) for member in training]
+        # Members of different folds have a few images more or fewer: they train the same number of steps.
+        steps = min(len(batches) for batches in per_member)
+        batches = np.stack([member_batches[:steps] for member_batches in per_member])
         started = time.perf_counter()
 
         def progress(step: int, totals: np.ndarray) -> None:
@@ -223,11 +216,10 @@ class Group:
         """Each member's val_loss and val_accuracy on its own validation split (none without one)."""
         if not len(members[0].val_index):
             return [{} for _ in members]
-        positions = tuple(self.members.index(member) for member in members)
         with contextlib.ExitStack() as stack:
             for member in members:
                 stack.enter_context(averaged_weights(member))
-            logits = chunked_logits(self.fused, positions, np.stack([member.val_index for member in members]))
+            logits = self._own_validation_logits(members)
         scores = []
         for member, member_logits in zip(members, logits, strict=True):
             labels = self.pool_labels[member.val_index]  # the pool comes first in the group's images
@@ -254,6 +246,25 @@ class Group:
         else:
             state.wait += 1
             state.stopped = state.wait >= patience
+
+    def _own_validation_logits(self, members: list[Member], views: int = 1) -> list[np.ndarray]:
+        """Each member's logits on its own validation images, with `views` test-time augmentation views."""
+        positions = tuple(self.members.index(member) for member in members)
+        sizes = [len(member.val_index) for member in members]
+        # Folds differ in size by a few images: the shorter ones are padded with their last image, then cut back.
+        indices = np.stack(
+            [
+                np.pad(member.val_index, (0, max(sizes) - size), mode="edge")
+                for member, size in zip(members, sizes, strict=True)
+            ]
+        )
+        logits = views_logits(self.fused, positions, indices, views)
+        return [member_logits[:size] for member_logits, size in zip(logits, sizes, strict=True)]
+
+    def predict_validation(self, views: int = 1) -> list[np.ndarray]:
+        """Every member's float32 logits (n, classes) on its own validation images (its fold): each member's
+        out-of-fold predictions, with `views` test-time augmentation views."""
+        return self._own_validation_logits(self.members, views)
 
     def predict(self, part: str, views: int = 1) -> np.ndarray:
         """Every member's float32 logits (members, n, classes) on the "holdout" or "test" images, with `views`
@@ -285,8 +296,13 @@ def predict_views(fused: FusedGroup, indices: np.ndarray, views: int = 1) -> np.
     """Every model's float32 logits (models, n, classes) on the same images (indices, n); with views > 1, the
     mean over that many one-pixel-shifted copies of each image (test-time augmentation)."""
     positions = tuple(range(len(fused.models)))
-    shared = np.tile(indices, (len(positions), 1))
-    return np.mean([chunked_logits(fused, positions, shared, shift) for shift in TTA_SHIFTS[:views]], axis=0)
+    return views_logits(fused, positions, np.tile(indices, (len(positions), 1)), views)
+
+
+def views_logits(fused: FusedGroup, positions: tuple[int, ...], indices: np.ndarray, views: int) -> np.ndarray:
+    """Logits (members, n, classes) for image indices (members, n): with views > 1, the mean over that many
+    one-pixel-shifted copies of each image (test-time augmentation)."""
+    return np.mean([chunked_logits(fused, positions, indices, shift) for shift in TTA_SHIFTS[:views]], axis=0)
 
 
 def predict_logits(models: Sequence[keras.Model], images: np.ndarray, views: int = 1) -> np.ndarray:

@@ -6,9 +6,11 @@
 Each trial trains one member, with a recipe drawn from the search space on top of the config, through
 the same Ray Train run, checkpoints and resources as `ensemble.run` (ensemble/worker.py: a group of
 one, which skips the test-set prediction). Every trial trains member 0 of the config's plan at
-augmentation strength 1: the same seeds and the same validation images, a fixed slice of the pool,
-so that trials differ by their recipe alone. The objective is that member's validation accuracy after
-its last epoch; the common holdout and test.csv are never looked at. ASHA stops a trial that lags the
+augmentation strength 1: the same seeds and the same validation images, a fixed slice of the pool
+(fold 0 with data.folds), so that trials differ by their recipe alone. The objective is that member's
+validation accuracy after its last epoch, shown with its 95% interval (a validation set under
+RANKING_IMAGES is said to be too small to rank recipes); the common holdout and test.csv are never
+looked at. ASHA stops a trial that lags the
 others at the same epoch (unless the epoch budget itself is searched); Optuna's TPE proposes each next
 recipe from the results so far (it needs far fewer trials than a random search to find the good region
 of a space of this size). Running the same command again resumes the search (Tune's restore). It
@@ -43,14 +45,18 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ensemble import launch
 from ensemble.config import Config, ConfigError, command_line_overrides, load_config
-from ensemble.data import DataError, EnsembleData, prepare
+from ensemble.data import DataError, EnsembleData, member_splits, prepare
 from ensemble.hold import OutputDirHold
 from ensemble.outputs import Storage
 from ensemble.plan import plan_members
 from ensemble.progress import Progress
+from ensemble.vote import wilson_interval
 from ensemble.worker import group_trainer, write_storage_marker
 
 METRIC = "val_accuracy"
+# Validation images that tell recipes apart by about 0.2 points at 99% (a 95% interval of ±0.23 points): one of 5
+# folds of Kaggle's pool (7,980 images); the common holdout is never one of them.
+RANKING_IMAGES = 7_500
 TRIALS_DIR = "trials"  # one Ray Train run per trial: trials/<trial id>/checkpoint_*/
 AUGMENT_SCALE = "augment.scale"  # not a config key: a factor on every range of the augment section
 DEFAULT_SPACE: dict[str, dict[str, list]] = {
@@ -141,16 +147,23 @@ def run_trial(
     trainer.fit()
 
 
-def results_table(results: tune.ResultGrid, space: dict[str, Any], max_epochs: int) -> list[dict[str, Any]]:
-    """One row per trial, best first: its settings, its member's validation accuracy, epochs, what stopped it."""
+def results_table(
+    results: tune.ResultGrid, space: dict[str, Any], max_epochs: int, validation_images: int
+) -> list[dict[str, Any]]:
+    """One row per trial, best first: its settings, its member's validation accuracy with its 95% interval,
+    epochs, what stopped it."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
+        score = metrics.get(METRIC)
         rows.append(
             {
                 "trial": f"trial-{metrics.get('trial_id', '?')}",
                 **{key: result.config.get(key) for key in space},
-                METRIC: metrics.get(METRIC),
+                METRIC: score,
+                "interval": None
+                if score is None
+                else wilson_interval(round(score * validation_images), validation_images),
                 "epochs": metrics.get("epoch"),
                 # Trained as far as its member would go: early stopping's final report, or every epoch (ASHA's
                 # last rung may stop a trial right after its last epoch). Else ASHA stopped it, or an error.
@@ -220,7 +233,8 @@ def best_config_yaml(config_path: Path | None, best: Config, row: dict[str, Any]
     values.pop("output_dir", None)
     header = (
         f"# Written by `python -m ensemble.tune` on {date.today()}: the best of {searched} trials on {source},\n"
-        f"# by member 0's own validation accuracy ({row[METRIC]:.4f}, {row['epochs']} epochs). The holdout and\n"
+        f"# by member 0's own validation accuracy ({row[METRIC]:.4f}, 95% interval [{row['interval'][0]:.4f}, "
+        f"{row['interval'][1]:.4f}], {row['epochs']} epochs). The holdout and\n"
         f"# test.csv were not looked at. Train the ensemble with: python -m ensemble.run --config THIS_FILE\n"
     )
     return header + yaml.safe_dump(values, sort_keys=False)
@@ -238,20 +252,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         space = load_space(args.space)
-        if config.data.val_fraction == 0:
-            raise ConfigError("config key 'data.val_fraction' is 0: a search scores each trial on its validation split")
+        if config.data.val_fraction == 0 and not config.data.folds:
+            raise ConfigError(
+                "config key 'data.val_fraction' is 0 and data.folds is off: a search scores each trial on its "
+                "validation split or fold"
+            )
         storage = Storage(config.output_dir)
         data = prepare(config.data)
+        validation_images = len(member_splits(config.data, plan_members(config.ensemble)[0], data)[1])
         storage.check_writable()
         hold = OutputDirHold(storage)  # one run or search at a time in an output dir
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"search: {args.samples} trials of member 0 of {name}, into {storage.location}; space: {', '.join(space)}")
+    print(scored_on(validation_images))
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     with hold:
-        return search(args, config, storage, data, space, config_file, started)
+        return search(args, config, storage, data, space, config_file, started, validation_images)
+
+
+def scored_on(images: int) -> str:
+    """What a trial's score can tell apart: the width of its 95% interval on `images` validation images."""
+    low, high = wilson_interval(round(0.99 * images), images)
+    line = f"each trial is scored on {images:,} validation images: ±{50 * (high - low):.2f} points at 99%"
+    if images < RANKING_IMAGES:
+        line += (
+            f"; under {RANKING_IMAGES:,} images, recipes closer than that are not told apart: set data.folds "
+            "(a trial validates on fold 0) or data.val_fraction for a larger validation set"
+        )
+    return line
 
 
 def search(
@@ -262,6 +293,7 @@ def search(
     space: dict[str, Any],
     config_file: Path | None,
     started: float,
+    validation_images: int,
 ) -> int:
     """Start Ray, run the search, write best.yaml, results.csv and search.png: the exit code."""
     launch.leave_working_dir()
@@ -324,7 +356,7 @@ def search(
     if watch.stopped:
         print(f"error: {watch.stopped}", file=sys.stderr)
         return 1
-    rows = results_table(results, space, config.train.max_epochs)
+    rows = results_table(results, space, config.train.max_epochs, validation_images)
     if not rows or rows[0][METRIC] is None:
         print("error: no trial reported a validation accuracy; see Ray's logs", file=sys.stderr)
         return 1
@@ -333,10 +365,11 @@ def search(
     storage.write_text(best_config_yaml(config_file, best, rows[0], len(rows), source), "best.yaml")
     storage.write_text(table_csv(rows), "results.csv")
     storage.write_bytes(plot_search(rows, space), "search.png")
-    shown = [METRIC, "epochs", *space]
+    shown = [METRIC, "interval", "epochs", *space]
     print("  ".join(f"{key:>14}" for key in ["trial", *shown]))
     for row in rows[:10]:
-        cells = [row["trial"], *(row[key] for key in shown)]
+        interval = "" if row["interval"] is None else "[{:.4f}, {:.4f}]".format(*row["interval"])
+        cells = [row["trial"], *(interval if key == "interval" else row[key] for key in shown)]
         print("  ".join(f"{value:>14.4g}" if isinstance(value, float) else f"{value!s:>14}" for value in cells))
     print(
         f"wrote best.yaml, results.csv and search.png to {storage.location} in {time.time() - started:.0f}s; "

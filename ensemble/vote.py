@@ -66,7 +66,12 @@ def accuracy_interval(predicted: np.ndarray, labels: np.ndarray) -> list[float] 
     """The 95% Wilson interval of the accuracy, [low, high], or None with nothing to score."""
     if not len(labels):
         return None
-    interval = binomtest(int(np.sum(predicted == labels)), len(labels)).proportion_ci(CONFIDENCE, method="wilson")
+    return wilson_interval(int(np.sum(predicted == labels)), len(labels))
+
+
+def wilson_interval(correct: int, total: int) -> list[float]:
+    """The 95% Wilson interval, [low, high], of `correct` out of `total`."""
+    interval = binomtest(correct, total).proportion_ci(CONFIDENCE, method="wilson")
     return [float(interval.low), float(interval.high)]
 
 

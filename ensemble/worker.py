@@ -345,6 +345,12 @@ def train_group(loop_config: dict[str, Any]) -> None:
     logits = {part: group.predict(part) for part in parts}
     if config.ensemble.tta > 1:
         logits |= {f"{part}_tta": group.predict(part, config.ensemble.tta) for part in parts}
+    if len(members[0].val_index):  # each member's predictions on its own validation images (out of fold)
+        logits["validation"] = group.predict_validation()
+        if config.ensemble.tta > 1:
+            logits["validation_tta"] = group.predict_validation(config.ensemble.tta)
+        logits["validation_index"] = [member.val_index for member in members]  # into the pool
+        logits["validation_labels"] = [data.pool_labels[member.val_index] for member in members]
     context = ray.get_runtime_context()
     where = {
         "group": name,

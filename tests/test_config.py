@@ -75,3 +75,12 @@ def test_xla_off_is_refused_where_it_would_be_ignored() -> None:
     with pytest.raises(ConfigError, match=r"^config key 'train.jit_compile' must not be false under train.backend jax"):
         load_config(None, ["train.backend=jax", "train.jit_compile=false"])
     assert load_config(None, ["train.jit_compile=false"]).train.jit_compile is False
+
+
+def test_folds_replace_the_validation_fraction_said_in_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^config key 'data.folds' gives each member its fold to validate on: set "):
+        load_config(None, ["data.folds=5"])  # val_fraction's default, 0.2, is still set
+    with pytest.raises(ConfigError, match=r"^config key 'data.folds' must be 0 \(off\) or at least 2$"):
+        load_config(None, ["data.folds=1", "data.val_fraction=0"])
+    # Folds validate: no fixed epoch budget is needed to stop early on them.
+    assert load_config(None, ["data.folds=5", "data.val_fraction=0", "train.patience=2"]).data.folds == 5

@@ -10,6 +10,7 @@ from ensemble.config import DataConfig
 from ensemble.data import (
     DataError,
     check_class_counts,
+    fold_split,
     holdout_split,
     member_split,
     prepare,
@@ -115,6 +116,29 @@ def test_splits_are_stratified_reproducible_and_disjoint(sample) -> None:
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(pool)
     # Member indices point into the pool, so no member ever sees a holdout image.
     assert len(np.intersect1d(pool[train], holdout)) == 0 and len(np.intersect1d(pool[val], holdout)) == 0
+
+
+def test_folds_cover_the_pool_once_stratified_and_reproducible(sample) -> None:
+    labels = sample[1][:3500]
+    parts = [fold_split(labels, 3, fold, seed=0) for fold in range(3)]
+    validated = np.concatenate([val for _, val in parts])
+    np.testing.assert_array_equal(np.sort(validated), np.arange(3500))  # each image in exactly one fold
+    for train, val in parts:
+        assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 3500
+        assert np.all(np.abs(np.bincount(labels[val], minlength=10) - np.bincount(labels) / 3) <= 1)
+    np.testing.assert_array_equal(parts[1][1], fold_split(labels, 3, 1, seed=0)[1])
+    assert not np.array_equal(parts[1][1], fold_split(labels, 3, 1, seed=1)[1])
+
+
+def test_more_folds_than_a_digit_has_images_is_one_line(tmp_path: Path, sample) -> None:
+    images, labels = per_digit(sample, 10)  # the holdout takes 2 of each digit: 8 are left of each
+    message = split_error(tmp_path, images, labels, holdout_fraction=0.2, val_fraction=0.0, folds=9)
+    assert re.fullmatch(
+        rf"{re.escape(str(tmp_path / 'train.csv'))}: digit \d has only 8 images left after the holdout; "
+        r"data.folds 9 needs at least one in every fold",
+        message,
+    ), message
+    check_class_counts(labels, DataConfig(holdout_fraction=0.2, val_fraction=0.0, folds=8), "train.csv")
 
 
 def test_zero_holdout_keeps_every_image_for_members(kaggle_dir: Path) -> None:

@@ -100,8 +100,8 @@ def test_quickstart_shows_every_epoch_of_every_member_and_little_else(quickstart
         assert word not in result.stdout + result.stderr, word
     # Besides those: the plan (4 lines, a header and a line per member), where Ray's logs are, how the
     # members are grouped, the summary table (a header, a line per member, the ensemble), the paired test's
-    # verdict and the files written.
-    assert len(lines) == len(progress) + (5 + 3) + 1 + 1 + (1 + 3 + 1) + 1 + 1, "\n".join(lines)
+    # verdict, the out-of-fold and expected accuracies, and the files written.
+    assert len(lines) == len(progress) + (5 + 3) + 1 + 1 + (1 + 3 + 1) + 1 + 2 + 1, "\n".join(lines)
     assert result.stderr == ""
     assert any(line.startswith("Ray's, Tune's and the workers' own output: ") for line in lines)
 
@@ -142,6 +142,26 @@ def test_quickstart_trains_votes_writes_and_is_reused(quickstart, tmp_path: Path
             assert logits["holdout"].shape == (500, 10)
             test_logits.append(logits["test"])
     np.testing.assert_array_equal(vote(np.stack(test_logits)).argmax(1), rows[:, 1])
+
+    # Out of fold (data.folds 3): each of the 3,500 pool images predicted once, by the member that validated on
+    # it and never trained on it; the report's numbers come back from the saved logits.
+    scored, right = [], []
+    for member in members:
+        with np.load(output / member["checkpoint"] / "logits.npz") as logits:
+            scored.append(logits["validation_index"])
+            right.append(logits["validation"].argmax(1) == logits["validation_labels"])
+        assert member["fold_accuracy"] == pytest.approx(right[-1].mean())
+    np.testing.assert_array_equal(np.sort(np.concatenate(scored)), np.arange(3500))
+    fold = report["ensemble"]["out_of_fold"]
+    assert fold["images"] == 3500 and fold["members_per_image"] == 1
+    assert fold["accuracy"] == pytest.approx(np.concatenate(right).mean()) and fold["accuracy"] > 0.8
+    assert fold["interval"][0] < fold["accuracy"] < fold["interval"][1] < fold["interval"][0] + 0.03
+    # Expected on unseen images: the members out of fold, plus what the vote adds to its average member.
+    gain = ensemble["holdout_accuracy"] - np.mean([member["holdout_accuracy"] for member in members])
+    expected = ensemble["expected_on_unseen"]
+    assert expected["accuracy"] == pytest.approx(fold["accuracy"] + gain)
+    assert expected["interval"][0] < expected["accuracy"] < expected["interval"][1]
+    assert "out of fold: " in first.stdout and "expected on unseen images: " in first.stdout
 
     # The report: each plot decodes as an image, and report.html embeds them all.
     for name in PLOTS:

@@ -29,7 +29,10 @@ WARN_BYTES = "jax_captured_constants_warn_bytes"  # JAX warns of constants this 
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[Config, EnsembleData]:
+    # The quickstart's 3 folds of 1,050 pool digits: each member trains on 700, 10 steps an epoch, so BatchNorm's
+    # moving statistics must follow the batches at once (at the quickstart's 0.9 validation sits at chance).
     overrides = ["data.max_train_rows=1200", "train.max_epochs=3", "train.patience=2", f"ensemble.members={MEMBERS}"]
+    overrides.append("model.bn_momentum=0.6")
     config = load_config("configs/quickstart.yaml", overrides)
     return config, prepare(config.data)
 
@@ -90,10 +93,10 @@ def test_a_group_trains_the_members_three_solo_runs_would(setup) -> None:
     for member, alone in zip(together, fresh(config, data), strict=True):
         Group([alone], config, data).train(lambda trained: None)
         assert member.state.epochs == alone.state.epochs and member.state.best_epoch == alone.state.best_epoch
-        # Within noise: 240 validation digits, so a few digits at most (the same weights up to float rounding).
+        # Within noise: 350 validation digits, so a few digits at most (the same weights up to float rounding).
         grouped, solo = member.state.history[-1]["val_accuracy"], alone.state.history[-1]["val_accuracy"]
         assert abs(grouped - solo) <= 0.02, (member.spec.name, grouped, solo)
-        assert grouped > 0.3  # chance is 0.1; 13 steps an epoch, not yet good
+        assert grouped > 0.3  # chance is 0.1; 10 steps an epoch, not yet good
 
 
 def test_a_member_that_stops_early_keeps_its_best_epoch_while_the_others_train_on(setup, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 from ensemble.config import ModelConfig
 from ensemble.model import build_model
 from ensemble.outputs import submission_csv
+from ensemble.scoring import MemberLogits, score
 from ensemble.vote import accuracy, accuracy_interval, fit_weights, paired_comparison, vote
 
 
@@ -123,3 +124,38 @@ def test_paired_comparison_counts_only_the_images_one_gets_right() -> None:
 def test_unknown_vote_method() -> None:
     with pytest.raises(ValueError, match="unknown vote method"):
         vote(np.zeros((1, 2, 10)), "median")
+
+
+def one_hot_logits(labels: np.ndarray) -> np.ndarray:
+    return np.eye(10, dtype=np.float32)[labels] * 5
+
+
+def test_out_of_fold_votes_the_members_that_held_each_image_out_and_the_estimate_adds_the_votes_gain() -> None:
+    """Four members, two folds of a pool of 8: each image held out by two members, whose mean logits predict it;
+    the estimate is that accuracy plus what the vote adds to its average member on the holdout."""
+    pool = np.arange(8) % 10
+    holdout = np.array([1, 2, 3, 4])
+    folds = [np.arange(4), np.arange(4, 8)]
+    members = []
+    for index in range(4):
+        fold = folds[index % 2]
+        validation = one_hot_logits(pool[fold])
+        validation[0] = one_hot_logits(np.array([9]))[0] * (2 if index < 2 else 1)  # members 0-1: first image wrong
+        held = one_hot_logits(holdout)
+        held[index] = one_hot_logits(np.array([0]))[0]  # each member misses a different holdout image
+        members.append(MemberLogits(f"member-{index:02d}", held, held, held, validation, fold, pool[fold]))
+    scores = score(members, holdout, "logits", 1, folds=2)
+    # Image 0: members 0 and 2 say 9 (strongly) and 0: wrong; image 4: members 1 and 3 say 9 and 4: wrong.
+    fold_scores = scores.ensemble["out_of_fold"]
+    assert fold_scores["images"] == 8 and fold_scores["members_per_image"] == 2
+    assert fold_scores["accuracy"] == 6 / 8
+    assert [member["fold_accuracy"] for member in scores.members] == [0.75, 0.75, 0.75, 0.75]
+    expected = scores.ensemble["expected_on_unseen"]
+    assert scores.ensemble["holdout_accuracy"] == 1.0  # the vote mends every member's one mistake
+    assert expected["holdout_gain_over_average_member"] == pytest.approx(0.25)
+    assert expected["accuracy"] == pytest.approx(1.0) and expected["interval"][1] == 1.0
+    # No holdout: the members out of fold alone, a floor for the ensemble.
+    alone = score(members, holdout[:0], "logits", 1, folds=2).ensemble["expected_on_unseen"]
+    assert alone["accuracy"] == 0.75 and alone["holdout_gain_over_average_member"] is None
+    # Folds off: no out-of-fold section at all.
+    assert "out_of_fold" not in score(members, holdout, "logits", 1).ensemble

@@ -22,7 +22,7 @@ from .helpers import EnsembleProcess, checkpoint_files, planned_and_reported
 pytestmark = pytest.mark.timeout(900)
 
 ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=2000", "--set", "data.max_test_rows=500"]
-ARGS += ["--set", "ensemble.members=2", "--set", "data.val_fraction=0", "--set", "train.max_epochs=2"]
+ARGS += ["--set", "ensemble.members=2", "--set", "data.folds=0", "--set", "train.max_epochs=2"]
 ARGS += ["--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
 ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9", "--set", "train.backend=jax"]
 EPOCH = re.compile(
