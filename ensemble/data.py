@@ -426,10 +426,12 @@ def check_class_counts(labels: np.ndarray, config: DataConfig, name: str) -> Non
     holdout = config.holdout_fraction
     if holdout > 0:
         _check_stratified(name, counts, holdout, f"the stratified holdout (data.holdout_fraction {holdout:g})")
+    if config.val_fraction == 0 and not config.folds:  # members train on the whole pool: no split to check
+        return
     pool, _ = holdout_split(labels, holdout, config.holdout_seed)
     pool_counts = np.bincount(labels[pool], minlength=NUM_CLASSES)
     left = " left after the holdout" if holdout > 0 else ""
-    if config.val_fraction > 0:  # 0: members train on the whole pool, no split to check
+    if config.val_fraction > 0:
         split = f"each member's stratified validation split (data.val_fraction {config.val_fraction:g})"
         _check_stratified(name, pool_counts, config.val_fraction, split, left)
     fewest = int(pool_counts[present].min())

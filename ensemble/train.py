@@ -192,7 +192,7 @@ class Group:
         positions = tuple(self.members.index(member) for member in training)
         per_member = [epoch_batches(member, epoch, self.config.train.batch_size) for member in training]
         # Members of different folds have a few images more or fewer: they train the same number of steps.
-        steps = min(len(batches) for batches in per_member)
+        steps = min(map(len, per_member))
         batches = np.stack([member_batches[:steps] for member_batches in per_member])
         started = time.perf_counter()
 
