@@ -83,12 +83,12 @@ QUICK = Settings(
     width=0.125,
     images=512,
     rounds=1,
-    steps=4,
+    steps=2,
     eager_steps=2,
     groups=(2,),
-    group_steps=4,
+    group_steps=2,
     group_settings=((128, "mixed_bfloat16"),),
-    profile_steps=4,
+    profile_steps=2,
     sharing=(1, 2),
 )
 

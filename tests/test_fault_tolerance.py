@@ -28,9 +28,10 @@ pytestmark = pytest.mark.timeout(1500)
 # The quickstart on a slice of its digits: each epoch a few seconds, members that learn well above chance.
 # Its 3 folds of the 875 pool images: member i validates on about 292 and trains on about 583. At 9 steps an
 # epoch, BatchNorm's moving statistics must follow the batches at once: at the quickstart's 0.9 they still hold
-# most of their initial values after two epochs, and validation sits at chance.
+# most of their initial values after two epochs, and validation sits at chance. 200 test digits: mixed bfloat16,
+# emulated on a CPU, runs some 10x slower than float32 (54 vs 514 ms a step at 1/8 width), predictions included.
 SMALL = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=1000", "--set", "train.patience=10"]
-SMALL += ["--set", "model.bn_momentum=0.6"]
+SMALL += ["--set", "model.bn_momentum=0.6", "--set", "data.max_test_rows=200"]
 
 
 def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_path: Path) -> None:
@@ -79,7 +80,7 @@ def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_pat
     ensemble = report["ensemble"]
     assert ensemble["members"] == ["member-00", "member-01"]
     assert [failure["name"] for failure in report["failed_members"]] == ["member-02"]
-    assert len((output / "submission.csv").read_text().splitlines()) == 1001
+    assert len((output / "submission.csv").read_text().splitlines()) == 201
 
     # member-01's final model is the one restored from a checkpoint and trained on: its settings survived.
     member = report["members"][1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def device_call(sample, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     home.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env |= {"OUT": str(out), "HOME": str(home), "KERAS_BACKEND": "jax", "CARRY": str(root / "no-carry")}
+    env["PYTHON"] = sys.executable  # the interpreter running the tests, on PATH or not
     # DATA_DIR: Kaggle's zip itself.
     env |= {"DATA_DIR": str(zipped(data)), "EPOCHS": "1", "RUN_ARGS": TOY_RUN, "BENCH_ARGS": TOY_BENCH}
     env["DEADLINE"] = "1500"
