@@ -3,9 +3,8 @@
 - `setup_environment` and `start_ray`: the process environment both entry points need, set by their
   `main` (never at import), then Ray: the cluster RAY_ADDRESS names (as `ray job submit` sets it), or a
   local Ray of this process's own.
-- Resources: what a member asks for (`member_resources`), which members train together in one worker
-  (`plan_groups`: resources.members_per_worker), what each group's worker asks for, and how many groups
-  run at once. A group that no node of the cluster can ever hold stops the run at once (`check_fits`).
+- `cluster_nodes`: the cluster's nodes and the kinds its autoscaler may add, for the resource plan
+  (ensemble/resources.py); `check_sees_gpus`: a run stops at once where Ray counts no GPU but the driver lists some.
 - `tuner`: one Ray Tune trial per group (or per search trial), each of which runs the group as a Ray
   Train run (ensemble/worker.py), with the run's progress lines (ensemble/progress.py) and a watch on
   groups that wait for resources (`ResourceWatch`).
@@ -13,10 +12,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
-import math
 import os
 import shutil
 import socket
@@ -31,7 +27,7 @@ from ray import tune
 
 from ensemble.config import ConfigError, ResourcesConfig
 from ensemble.outputs import Storage
-from ensemble.plan import MemberSpec
+from ensemble.resources import Nodes
 
 # A trial only waits on its Ray Train run, whose worker holds the CPUs and GPUs: the trial holds memory alone.
 TRIAL_MEMORY_BYTES = 512 * 1024**2
@@ -122,24 +118,7 @@ def check_reachable(address: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Resources
-
-
-@dataclasses.dataclass(frozen=True)
-class Nodes:
-    """The nodes a cluster has, and the kinds of node its autoscaler may add, as Ray resource dicts."""
-
-    alive: list[dict[str, float]]
-    addable: list[dict[str, float]]
-
-    @property
-    def total(self) -> dict[str, float]:
-        """The resources of the alive nodes together."""
-        keys = {key for node in self.alive for key in node}
-        return {key: sum(node.get(key, 0.0) for node in self.alive) for key in keys}
-
-    def largest(self, key: str) -> float:
-        return max((node.get(key, 0.0) for node in self.alive + self.addable), default=0.0)
+# The cluster as Ray and the machine see it (what is done with it: ensemble/resources.py)
 
 
 def cluster_nodes() -> Nodes:
@@ -182,99 +161,6 @@ def check_sees_gpus(config: ResourcesConfig, nodes: Nodes) -> None:
             "NVML (the nvidia-ml-py package and the driver's libnvidia-ml), so check that it loads here; or set "
             "resources.gpus_per_member=0 to train on the CPU"
         )
-
-
-def member_resources(config: ResourcesConfig, cluster: dict[str, float]) -> dict[str, float]:
-    """Ray resources of one member; `gpus_per_member: auto` means 1 GPU if the cluster has any."""
-    gpus = config.gpus_per_member
-    if gpus == "auto":
-        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    return {"CPU": config.cpus_per_member, "GPU": gpus}
-
-
-def group_size(config: ResourcesConfig, members: int, nodes: Nodes) -> int:
-    """How many members train together in one worker (resources.members_per_worker).
-
-    `auto`: the members that share a device. With GPUs, members are spread evenly over the cluster's GPUs
-    (gpus_per_member auto), or as many share a GPU as its fraction allows (gpus_per_member 0.25: 4), or
-    none does (1 or more). On CPUs, members are spread evenly over the nodes, each group on one node's CPUs.
-    """
-    if config.members_per_worker != "auto":
-        return min(members, int(config.members_per_worker))
-    gpus = config.gpus_per_member
-    if gpus == "auto":
-        devices = math.floor(nodes.total.get("GPU", 0))
-        if devices:
-            return math.ceil(members / devices)
-        gpus = 0.0
-    if gpus >= 1:
-        return 1
-    if gpus > 0:
-        return min(members, math.floor(1 / gpus + 1e-9))
-    devices = len([node for node in nodes.alive if node.get("CPU", 0) >= config.cpus_per_member]) or 1
-    return math.ceil(members / devices)
-
-
-def group_resources(config: ResourcesConfig, size: int, nodes: Nodes) -> dict[str, float]:
-    """What the worker of a group of `size` members asks for: each member's CPUs, as many as one node has at
-    most, and one device: its members' share of a GPU, a whole GPU at most (a group trains on one device)."""
-    member = member_resources(config, nodes.total)
-    cpus = max(member["CPU"], min(size * member["CPU"], nodes.largest("CPU")))
-    gpus = member["GPU"] if member["GPU"] >= 1 else min(1.0, size * member["GPU"])
-    return {"CPU": cpus, "GPU": gpus}
-
-
-def split_evenly(specs: list[MemberSpec], size: int) -> list[list[MemberSpec]]:
-    """Members in order, in groups of at most `size`, as even as can be: 10 in groups of at most 4 make 4, 3, 3."""
-    count = math.ceil(len(specs) / size)
-    small, larger = divmod(len(specs), count)
-    sizes = [small + 1] * larger + [small] * (count - larger)
-    starts = itertools.accumulate(sizes[:-1], initial=0)
-    return [specs[start : start + length] for start, length in zip(starts, sizes, strict=True)]
-
-
-def describe_groups(members: list[list[MemberSpec]], config: ResourcesConfig, nodes: Nodes) -> list[dict[str, Any]]:
-    """Each group as its Tune trial takes it: {"name", "members" (MemberSpec dicts), "resources" of its worker}."""
-    return [
-        {
-            "name": f"group-{index:02d}" + (f"-round-{group[0].round}" if group[0].round else ""),
-            "members": [dataclasses.asdict(spec) for spec in group],
-            "resources": group_resources(config, len(group), nodes),
-        }
-        for index, group in enumerate(members)
-    ]
-
-
-def check_fits(resources: dict[str, float], nodes: Nodes, what: str) -> None:
-    """A ConfigError, at once, if no node the cluster has or can add holds `resources` (one worker's): Ray would
-    otherwise wait for such a node for ever, in silence. `what` names who asks (a member, a group of 3 members)."""
-    candidates = nodes.alive + nodes.addable
-    if any(all(node.get(key, 0.0) >= amount for key, amount in resources.items()) for node in candidates):
-        return
-    shapes = sorted((node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes.alive)
-    has = "; ".join(f"{cpus:g} CPU, {gpus:g} GPU" for cpus, gpus in shapes)
-    grow = f", and its autoscaler may add nodes of {len(nodes.addable)} kinds" if nodes.addable else ""
-    if resources["GPU"] > nodes.largest("GPU"):
-        largest = nodes.largest("GPU")
-        change = (
-            "set resources.gpus_per_member to 0 or auto"
-            if largest == 0
-            else f"lower resources.gpus_per_member (a node has {largest:g} GPU at most)"
-        )
-    else:
-        change = f"lower resources.cpus_per_member (a node has {nodes.largest('CPU'):g} CPU at most)"
-    raise ConfigError(
-        f"{what} needs {resources['CPU']:g} CPU and {resources['GPU']:g} GPU on one node, but no node of this "
-        f"cluster has that (its nodes: {has}{grow}); {change}"
-    )
-
-
-def parallel_groups(config: ResourcesConfig, resources: dict[str, float], cluster: dict[str, float], count: int) -> int:
-    """How many of `count` groups train at once: the config's cap on members, else as many as the cluster holds."""
-    if config.max_parallel_members is not None:
-        return config.max_parallel_members
-    fits = [math.floor(cluster.get(name, 0) / amount + 1e-9) for name, amount in resources.items() if amount > 0]
-    return max(1, min([count, *fits]))
 
 
 # ---------------------------------------------------------------------------------------------------------

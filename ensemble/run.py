@@ -4,7 +4,7 @@ The driver reads the data once, puts it in Ray's object store, and runs one Ray 
 of members (resources.members_per_worker); each trial fits its group as a Ray Train run (one worker,
 ensemble/worker.py) whose checkpoints live under `<output_dir>/members/<group>/`. Ray does the
 scheduling: groups that do not fit the cluster's free resources wait for a slot, and a group that no
-node can ever hold stops the run at once (ensemble/launch.py). Once all have finished, the driver votes
+node can ever hold stops the run at once (ensemble/resources.py). Once all have finished, the driver votes
 with the members' logits and writes `submission.csv`, `report.json` and `report.html` into the output
 directory (ensemble/results.py).
 
@@ -43,6 +43,7 @@ from ensemble.outputs import (
 )
 from ensemble.plan import MemberSpec, plan_members
 from ensemble.progress import Progress
+from ensemble.resources import Nodes, check_fits, describe_groups, group_size, parallel_groups, split_evenly
 from ensemble.results import (
     FinishedMember,
     RunResults,
@@ -128,16 +129,14 @@ def check_output_dir(storage: Storage, config: Config) -> None:
         )
 
 
-def member_groups(
-    storage: Storage, plan: list[MemberSpec], config: Config, nodes: launch.Nodes
-) -> list[list[MemberSpec]]:
+def member_groups(storage: Storage, plan: list[MemberSpec], config: Config, nodes: Nodes) -> list[list[MemberSpec]]:
     """Which members train together: as the run's first start grouped them (GROUPS_FILE), so that a rerun
     resumes each member in the Train run that holds its checkpoints; else as resources.members_per_worker
     says for this cluster."""
     saved = storage.read_text(GROUPS_FILE)
     if saved is not None:
         return [[plan[index] for index in indices] for indices in json.loads(saved)]
-    return launch.split_evenly(plan, launch.group_size(config.resources, len(plan), nodes))
+    return split_evenly(plan, group_size(config.resources, len(plan), nodes))
 
 
 def train_groups(
@@ -146,7 +145,7 @@ def train_groups(
     marker: str,
     groups: list[dict[str, Any]],
     data: EnsembleData,
-    nodes: launch.Nodes,
+    nodes: Nodes,
     verbose: bool,
     number: int = 0,
 ) -> tuple[list[FinishedMember], list[dict[str, str]], str | None]:
@@ -169,7 +168,7 @@ def train_groups(
     progress = Progress(lambda run, member: member, config.train.max_epochs)
     watch = launch.ResourceWatch(config.resources.wait_seconds, autoscaling=bool(nodes.addable), say=progress.say)
     largest = max((group["resources"] for group in todo), key=lambda resources: (resources["GPU"], resources["CPU"]))
-    at_once = launch.parallel_groups(config.resources, largest, nodes.total, len(todo))
+    at_once = parallel_groups(config.resources, largest, nodes.total, len(todo))
     try:
         parameters = {
             "config": config,
@@ -276,10 +275,10 @@ def train_and_write(
         nodes = launch.cluster_nodes()
         launch.check_sees_gpus(config.resources, nodes)
         members = member_groups(storage, plan, config, nodes)
-        groups = launch.describe_groups(members, config.resources, nodes)
+        groups = describe_groups(members, config.resources, nodes)
         for group in groups:
             size = len(group["members"])
-            launch.check_fits(group["resources"], nodes, "a member" if size == 1 else f"a group of {size} members")
+            check_fits(group["resources"], nodes, "a member" if size == 1 else f"a group of {size} members")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -321,7 +320,7 @@ def train_and_write(
                 flush=True,
             )
             members = [[dataclasses.replace(spec, round=number + 1) for spec in group] for group in members]
-            groups = launch.describe_groups(members, config.resources, nodes)
+            groups = describe_groups(members, config.resources, nodes)
 
     # Not wall time: groups that train at once compile at once.
     timings = {"data_seconds": round(data_seconds, 2), "groups_compile_seconds": round(compiling, 2)}

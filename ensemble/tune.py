@@ -50,6 +50,7 @@ from ensemble.hold import OutputDirHold
 from ensemble.outputs import Storage
 from ensemble.plan import plan_members
 from ensemble.progress import Progress
+from ensemble.resources import check_fits, member_resources, parallel_groups
 from ensemble.vote import wilson_interval
 from ensemble.worker import group_trainer, write_storage_marker
 
@@ -301,8 +302,8 @@ def search(
         launch.start_ray(args.verbose)
         nodes = launch.cluster_nodes()
         launch.check_sees_gpus(config.resources, nodes)
-        resources = launch.member_resources(config.resources, nodes.total)
-        launch.check_fits(resources, nodes, "a trial's member")
+        resources = member_resources(config.resources, nodes.total)
+        check_fits(resources, nodes, "a trial's member")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -342,7 +343,7 @@ def search(
                     mode="max",
                     search_alg=ConcurrencyLimiter(
                         OptunaSearch(seed=config.ensemble.seed),
-                        launch.parallel_groups(config.resources, resources, nodes.total, args.samples),
+                        parallel_groups(config.resources, resources, nodes.total, args.samples),
                     ),
                     scheduler=scheduler(space, epochs),
                     num_samples=args.samples,

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 from ensemble import train
-from ensemble.config import Config, ResourcesConfig, load_config
+from ensemble.config import Config, load_config
 from ensemble.data import EnsembleData, prepare
-from ensemble.launch import Nodes, group_size, split_evenly
 from ensemble.plan import plan_members
 from ensemble.train import Group, Member, epoch_batches, new_member
 from ensemble.worker import member_files, restore_members, write_folders
@@ -153,26 +152,3 @@ def test_a_member_that_stops_early_keeps_its_best_epoch_while_the_others_train_o
     assert [member.state.epochs for member in again] == [member.state.epochs for member in restored[:1]] + [0] + [
         restored[2].state.epochs
     ]
-
-
-@pytest.mark.parametrize(
-    ("gpus_per_member", "per_worker", "nodes", "sizes"),
-    [
-        ("auto", "auto", [{"CPU": 16, "GPU": 1}], [10]),  # one GPU: gpu.yaml's 10 members are one group
-        ("auto", "auto", [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}], [3, 3, 2, 2]),  # spread over 4 GPUs
-        (0.25, "auto", [{"CPU": 16, "GPU": 1}], [4, 3, 3]),  # as many as the GPU fraction lets share one
-        (1, "auto", [{"CPU": 16, "GPU": 1}], [1] * 10),  # a whole GPU each: none shares
-        ("auto", "auto", [{"CPU": 2}], [10]),  # a CPU node: one group on its cores
-        ("auto", "auto", [{"CPU": 2}, {"CPU": 2}], [5, 5]),  # CPU nodes: one group each
-        ("auto", 1, [{"CPU": 16, "GPU": 1}], [1] * 10),  # by hand: each member alone
-        ("auto", 4, [{"CPU": 16, "GPU": 1}], [4, 3, 3]),
-    ],
-)
-def test_members_per_worker_auto_groups_the_members_that_share_a_device(
-    gpus_per_member, per_worker, nodes, sizes
-) -> None:
-    resources = ResourcesConfig(gpus_per_member=gpus_per_member, members_per_worker=per_worker)
-    plan = plan_members(load_config("configs/quickstart.yaml", ["ensemble.members=10"]).ensemble)
-    groups = split_evenly(plan, group_size(resources, len(plan), Nodes(nodes, [])))
-    assert [len(group) for group in groups] == sizes
-    assert [spec.index for group in groups for spec in group] == list(range(10))
