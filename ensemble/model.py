@@ -12,7 +12,9 @@ from ensemble.data import IMAGE_SIDE, NUM_CLASSES
 CONV_FILTERS = (256, 512, 1024)
 
 
-def build_model(config: ModelConfig, augmentation: keras.layers.Layer | None = None) -> keras.Model:
+def build_model(
+    config: ModelConfig, augmentation: keras.layers.Layer | None = None, name: str = "digit_cnn"
+) -> keras.Model:
     """Input: raw pixels 0..255, shape (28, 28, 1). Output: float32 logits over the 10 digits.
 
     `augmentation`, a training-only layer (ensemble.augment.RandomAffine), goes first: it then runs
@@ -41,7 +43,7 @@ def build_model(config: ModelConfig, augmentation: keras.layers.Layer | None = N
     x = keras.layers.Flatten()(x)
     # float32 logits whatever the compute precision: the vote averages them.
     outputs = keras.layers.Dense(NUM_CLASSES, kernel_regularizer=regularizer, dtype="float32", name="logits")(x)
-    return keras.Model(inputs, outputs, name="digit_cnn")
+    return keras.Model(inputs, outputs, name=name)
 
 
 @keras.saving.register_keras_serializable(package="digit_ensemble")

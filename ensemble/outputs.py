@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from ensemble.config import ConfigError
 CONFIG_FILE, SUBMISSION_FILE, REPORT_FILE = "config.json", "submission.csv", "report.json"
 HOLDOUT_FILE = "holdout.npz"  # the common holdout's images and labels: re-votes and the report score on it
 HTML_REPORT_FILE = "report.html"
+KAGGLE_TEST_ROWS = 28_000  # Kaggle's test.csv, every row of which a submission must label
 # Written by the driver when a run starts, with a token of that start; each member's worker reads it back
 # before training, so a worker that does not see the run's output location stops at once.
 STORAGE_MARKER_FILE = ".storage-marker"
@@ -144,6 +146,21 @@ def submission_csv(labels: np.ndarray) -> str:
     """Kaggle's format: header `ImageId,Label`, ImageId counting from 1 in test.csv's row order."""
     rows = (f"{image_id},{label}" for image_id, label in enumerate(labels.tolist(), start=1))
     return "\n".join(["ImageId,Label", *rows]) + "\n"
+
+
+def kaggle_submit_line(storage: Storage, report: dict[str, Any], test_rows: int) -> str | None:
+    """The command that sends the run's submission to Kaggle's Digit Recognizer (with the kaggle CLI): for a run
+    that labelled all of Kaggle's test.csv (Kaggle refuses any other row count)."""
+    if test_rows != KAGGLE_TEST_ROWS:
+        return None
+    ensemble = report["ensemble"]
+    message = f"digit-ensemble: {len(report['members'])} members, {ensemble['vote']} vote"
+    if ensemble["holdout_accuracy"] is not None:
+        message += f", holdout {100 * ensemble['holdout_accuracy']:.2f}% of {ensemble['holdout_size']:,}"
+    submission = f"{storage.location}/{SUBMISSION_FILE}"
+    local = shlex.quote(submission) if storage.is_local else SUBMISSION_FILE
+    command = f"kaggle competitions submit -c digit-recognizer -f {local} -m {shlex.quote(message)}"
+    return f"to submit it: {command}" if storage.is_local else f"to submit it, copy {submission} here, then: {command}"
 
 
 def summary_table(report: dict[str, Any]) -> str:

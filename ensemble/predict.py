@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,18 +49,27 @@ def read_input(path: Path) -> tuple[np.ndarray, list[str] | None]:
     return images, None
 
 
-def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndarray:
-    """(members, images, classes): every member's logits, with the run's test-time augmentation."""
+def load_members(storage: Storage, report: dict) -> list[Any]:
+    """Every member's trained Keras model, in the report's order (a missing or damaged file: a ConfigError)."""
+    models = []
+    # TensorFlow's C++ start-up lines (CUDA probes) come at its import and its first op, while loading.
     with native_stderr_silenced(True):
         import keras
 
-        from ensemble.train import predict_logits
+        import ensemble.augment  # noqa: F401  (registers RandomAffine, the first layer of every saved member)
 
-    models = []
-    for member in report["members"]:
-        with member_checkpoint(storage, member["checkpoint"]).as_directory() as directory:
-            name, folder = member["name"], member["checkpoint"]
-            models.append(read_member_file(name, folder, MODEL_FILE, keras.models.load_model, directory))
+        for member in report["members"]:
+            with member_checkpoint(storage, member["checkpoint"]).as_directory() as directory:
+                name, folder = member["name"], member["checkpoint"]
+                models.append(read_member_file(name, folder, MODEL_FILE, keras.models.load_model, directory))
+    return models
+
+
+def member_logits(storage: Storage, report: dict, images: np.ndarray) -> np.ndarray:
+    """(members, images, classes): every member's logits, with the run's test-time augmentation."""
+    models = load_members(storage, report)  # first: it imports Keras with TensorFlow's start-up lines silenced
+    from ensemble.train import predict_logits
+
     return predict_logits(models, images, report["config"]["ensemble"]["tta"])
 
 

@@ -38,6 +38,7 @@ from ensemble.outputs import (
     REPORT_FILE,
     SUBMISSION_FILE,
     Storage,
+    kaggle_submit_line,
     native_stderr_silenced,
     summary_table,
 )
@@ -335,6 +336,8 @@ def train_and_write(
         f"wrote {SUBMISSION_FILE}, {REPORT_FILE} and {HTML_REPORT_FILE} to {storage.location} "
         f"in {time.time() - started:.0f}s"
     )
+    if submit := kaggle_submit_line(storage, report, len(data.test_images)):
+        print(submit)
     return 0
 
 

@@ -14,16 +14,20 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import pytest
 from PIL import Image
 
 from ensemble.hold import OutputDirHold
 from ensemble.launch import free_port
 from ensemble.outputs import Storage
-from ensemble.vote import vote
+from ensemble.predict import member_logits
+from ensemble.vote import vote, vote_probabilities
 
 from .conftest import REPO
 from .helpers import planned_and_reported
+from .s3_server import S3Bucket
+from .s3_server import s3_bucket as s3_bucket  # the module's S3 server (re-export: a fixture)
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -258,3 +262,51 @@ def predict(run: Path, source: Path, target: Path, *options: str) -> pd.DataFram
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return pd.read_csv(target)
+
+
+def test_the_run_exported_in_each_format_and_loaded_back_votes_as_predict_does(
+    quickstart, tmp_path: Path, sample, s3_bucket: S3Bucket
+) -> None:
+    """Each format loaded as its README section loads it: the same labels as ensemble.predict's own members
+    and vote on the same digits, and its scores and probabilities within float32 round-off; from a run on S3
+    as from a local one."""
+    run = tmp_path / "run"
+    shutil.copytree(quickstart[0], run)  # its own copy: the other tests re-vote the quickstart's
+    report = json.loads((run / "report.json").read_text())
+    method = report["ensemble"]["vote"]
+    images = sample[2][:200].astype(np.float32)
+    scores = vote(member_logits(Storage(str(run)), report, images), method)
+    probabilities = vote_probabilities(scores, method)
+
+    s3 = s3_bucket.fresh()
+    s3.filesystem.create_dir(f"{s3.bucket}/{s3.prefix}")
+    pyarrow.fs.copy_files(str(run), f"{s3.bucket}/{s3.prefix}", destination_filesystem=s3.filesystem)
+    exported = {fmt: tmp_path / name for fmt, name in (("keras", "e.keras"), ("saved_model", "e"), ("onnx", "e.onnx"))}
+    for fmt, output in exported.items():
+        source = s3.uri if fmt == "keras" else str(run)
+        result = subprocess.run(
+            [sys.executable, "-m", "ensemble.export", "--run", source, "--format", fmt, "--output", str(output)],
+            cwd=REPO, env=s3.env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+        assert result.stdout.startswith(f"wrote {output} ({fmt}): the {method} vote of 3 members, 1 test-time view")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["e", "e.keras", "e.onnx", "run"]  # nothing partial
+
+    import keras
+    import onnxruntime
+    import tensorflow as tf
+
+    served = tf.saved_model.load(exported["saved_model"])  # kept: its functions need the object alive
+    outputs = {
+        "keras": keras.models.load_model(exported["keras"]).predict(images, verbose=0),
+        "saved_model": served.serve(images),
+        "onnx": dict(
+            zip(("scores", "probabilities"), onnxruntime.InferenceSession(exported["onnx"]).run(
+                ["scores", "probabilities"], {"pixels": images}
+            ), strict=True)
+        ),
+    }  # fmt: skip
+    for fmt, output in outputs.items():
+        np.testing.assert_array_equal(np.argmax(output["scores"], axis=1), scores.argmax(1), err_msg=fmt)
+        np.testing.assert_allclose(output["scores"], scores, rtol=1e-4, atol=1e-4, err_msg=fmt)
+        np.testing.assert_allclose(output["probabilities"], probabilities, atol=1e-5, err_msg=fmt)

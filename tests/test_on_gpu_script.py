@@ -33,7 +33,7 @@ TOY_BENCH = "--quick --groups 1"
 GROUP_KINDS = ("unrolled in one step (the package's)", "jax.vmap over", "jax.lax.map over")
 BENCH_ROWS = [
     *(f"member groups of 1 (batch 64, float32, width 0.125): {kind}" for kind in GROUP_KINDS),
-    *(f"member groups of 1 (batch 128, mixed_bfloat16, width 0.125): {kind}" for kind in GROUP_KINDS),
+    *(f"member groups of 1 (batch 128, float32, width 0.125): {kind}" for kind in GROUP_KINDS),
     "step profile: augmentation",
     "step profile: forward pass",
     "step profile: backward pass",

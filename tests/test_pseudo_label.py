@@ -2,19 +2,25 @@
 
 Half the quickstart's digits through the real run, under JAX, on a terminal, the two members in one group:
 round 0 trains them on their whole pool; the test images its ensemble labels with a probability of at
-least 0.9 join round 1's training, whose members vote. A crash in round 1 costs neither round 0 nor round 1's
-finished epochs. (Under TensorFlow and off a terminal: tests/test_end_to_end.py; members in workers of their own:
-tests/test_cluster_job.py.)
+least 0.9 join round 1's training, whose members vote, over two test-time views. A crash in round 1 costs
+neither round 0 nor round 1's finished epochs. The JAX-trained run exports as one Keras model. (Under
+TensorFlow and off a terminal: tests/test_end_to_end.py; members in workers of their own: tests/test_cluster_job.py.)
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from ensemble.data import load_sample
+
+from .conftest import REPO
 from .helpers import EnsembleProcess, checkpoint_files, planned_and_reported
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
@@ -24,7 +30,7 @@ pytestmark = pytest.mark.timeout(900)
 ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=2000", "--set", "data.max_test_rows=500"]
 ARGS += ["--set", "ensemble.members=2", "--set", "data.folds=0", "--set", "train.max_epochs=2"]
 ARGS += ["--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
-ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9", "--set", "train.backend=jax"]
+ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9", "--set", "train.backend=jax", "--set", "ensemble.tta=2"]
 EPOCH = re.compile(
     r"^(member-\d\d(?:-round-1)?) epoch (\d): loss [\d.]+ accuracy [\d.]+ \([\d.]+s(?:, compiling [\d.]+s)?\)$",
     re.MULTILINE,
@@ -79,3 +85,18 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     assert rounds[1]["holdout_accuracy"] == report["ensemble"]["holdout_accuracy"]
     assert "round 1 (2 members, with " in second.output and "n/a" in second.output  # summary: no val accuracy
     assert len((output / "submission.csv").read_text().splitlines()) == 501
+
+    # Exported as one model (by the default backend, TensorFlow), it labels the test digits as the submission does.
+    exported = tmp_path / "ensemble.keras"
+    command = [sys.executable, "-m", "ensemble.export", "--run", str(output), "--format", "keras"]
+    result = subprocess.run(
+        [*command, "--output", str(exported)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the logits vote of 2 members, 2 test-time view(s) each" in result.stdout
+
+    import keras
+
+    scores = keras.models.load_model(exported).predict(load_sample()[2][:500], verbose=0)["scores"]
+    submitted = np.loadtxt(output / "submission.csv", delimiter=",", skiprows=1, dtype=int)[:, 1]
+    assert (scores.argmax(1) != submitted).sum() <= 1  # computed by TensorFlow here, JAX there: a near-tie may move

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ensemble.config import Config
-from ensemble.outputs import Storage
+from ensemble.outputs import Storage, kaggle_submit_line
 from ensemble.report import ensemble_size_curve, render_report
 from ensemble.results import FinishedMember, RunResults, write_results
 from ensemble.scoring import MemberLogits
@@ -107,3 +107,13 @@ def test_report_shows_its_images_in_a_browser(tmp_path: Path, sample) -> None:
     subprocess.run([*browser, f"--screenshot={screenshot}", "--window-size=1300,2400", probe.as_uri()],
                    capture_output=True, timeout=120)  # fmt: skip
     assert matplotlib.image.imread(screenshot).std() > 0.05  # not a blank page
+
+
+def test_a_run_on_all_of_kaggles_test_csv_ends_with_the_command_that_submits_it(tmp_path: Path, sample) -> None:
+    run, report = fake_run(tmp_path / "my run", sample)
+    accuracy = f"{100 * report['ensemble']['holdout_accuracy']:.2f}%"
+    assert kaggle_submit_line(run.storage, report, 28_000) == (
+        f"to submit it: kaggle competitions submit -c digit-recognizer -f '{tmp_path}/my run/submission.csv' "
+        f"-m 'digit-ensemble: 3 members, logits vote, holdout {accuracy} of 300'"
+    )
+    assert kaggle_submit_line(run.storage, report, 1_000) is None  # Kaggle takes all 28,000 rows or none
