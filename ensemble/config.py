@@ -129,6 +129,16 @@ class ResourcesConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where the run is logged besides its output dir (ensemble/tracking.py); changing it never stops a resume."""
+
+    # An MLflow tracking URI: a local store such as sqlite:///mlflow.db, or a server's http(s):// address.
+    # None: off. Needs pip install "digit-ensemble[mlflow]".
+    mlflow: str | None = None
+    experiment: str = "digit-ensemble"  # the MLflow experiment, created if missing
+
+
+@dataclass
 class Config:
     output_dir: str | None = None  # None: runs/<config file name>
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +147,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

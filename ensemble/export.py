@@ -94,15 +94,17 @@ def voted(member_logits: list[Any], method: str, weights: list[float] | None) ->
 
 def ensemble_model(storage: Storage, report: dict[str, Any]) -> Any:
     """The run's members, their test-time augmentation and their vote, as one Keras model."""
+    from ensemble.predict import load_members
+
+    trained = load_members(storage, report)  # first: it imports Keras with TensorFlow's start-up lines silenced
     import keras
 
-    from ensemble.predict import load_members
     from ensemble.train import TTA_SHIFTS
 
     config = ModelConfig(**report["config"]["model"])
     members = [
-        inference_member(trained, config, name=entry["name"].replace("-", "_"))
-        for trained, entry in zip(load_members(storage, report), report["members"], strict=True)
+        inference_member(model, config, name=entry["name"].replace("-", "_"))
+        for model, entry in zip(trained, report["members"], strict=True)
     ]
     pixels = keras.Input((IMAGE_SIDE, IMAGE_SIDE, 1), name="pixels")
     views = [shifted(pixels, shift) for shift in TTA_SHIFTS[: report["config"]["ensemble"]["tta"]]]

@@ -37,9 +37,11 @@ WATCH_SECONDS = 5.0  # how often ResourceWatch asks Ray's state API what is pend
 def setup_environment() -> None:
     """Environment variables read by TensorFlow and Ray when they start, inherited by a local cluster's processes.
 
-    Fewer TensorFlow C++ info lines in Ray's logs; with --verbose, no second copy of every worker print.
+    Fewer TensorFlow C++ info lines in Ray's logs; with --verbose, no second copy of every worker print; no
+    MLflow info lines (its store's set-up) among the run's own.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 

@@ -25,7 +25,7 @@ import ray
 import ray.train
 from ray import tune
 
-from ensemble import launch
+from ensemble import launch, tracking
 from ensemble.config import Config, ConfigError, command_line_overrides, load_config
 from ensemble.data import DataError, EnsembleData, prepare
 from ensemble.hold import OutputDirHold
@@ -144,6 +144,7 @@ def train_groups(
     config: Config,
     storage: Storage,
     marker: str,
+    run_tracking: dict[str, str] | None,
     groups: list[dict[str, Any]],
     data: EnsembleData,
     nodes: Nodes,
@@ -151,7 +152,7 @@ def train_groups(
     number: int = 0,
 ) -> tuple[list[FinishedMember], list[dict[str, str]], str | None]:
     """Run every group (of pseudo-labelling round `number`) through Ray: (finished members, failed members,
-    why the run stopped waiting, if it did)."""
+    why the run stopped waiting, if it did). `run_tracking`: the MLflow run the groups log under, if any."""
     finished: list[FinishedMember] = []
     failed: list[dict[str, str]] = []
     todo = []
@@ -175,6 +176,7 @@ def train_groups(
             "config": config,
             "storage": storage,
             "marker": marker,
+            "tracking": run_tracking,
             # The data goes into the object store once; groups read it from there. The reference is wrapped
             # in a tuple because with_parameters would otherwise resolve it to the data itself in every trial.
             "data_ref": (ray.put(data),),
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append({"output_dir": args.output_dir})
     try:
         config = load_config(args.config, overrides)
+        config.tracking.mlflow = tracking.checked_uri(config.tracking.mlflow)
         storage = Storage(config.output_dir)
         check_output_dir(storage, config)
         data = prepare(config.data)
@@ -284,6 +287,11 @@ def train_and_write(
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(groups_line(groups), flush=True)
+    try:
+        run_tracking = tracking.start(config, storage)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     storage.write_text(json.dumps(config.to_dict(), indent=2), CONFIG_FILE)
     storage.write_text(json.dumps([[spec.index for spec in group] for group in members]), GROUPS_FILE)
     marker = write_storage_marker(storage)
@@ -292,7 +300,9 @@ def train_and_write(
     rounds: list[dict[str, Any]] = []
     compiling = 0.0
     for number in range(pseudo.rounds + 1):
-        finished, failed, stopped = train_groups(config, storage, marker, groups, data, nodes, args.verbose, number)
+        finished, failed, stopped = train_groups(
+            config, storage, marker, run_tracking, groups, data, nodes, args.verbose, number
+        )
         compiling += groups_compile_seconds(finished)
         if stopped:
             print(f"error: {stopped}", file=sys.stderr)
@@ -338,6 +348,8 @@ def train_and_write(
     )
     if submit := kaggle_submit_line(storage, report, len(data.test_images)):
         print(submit)
+    if run_tracking:
+        print(tracking.finish(run_tracking, storage, report))
     return 0
 
 

@@ -51,6 +51,7 @@ from ensemble.outputs import (
     read_member_file,
 )
 from ensemble.plan import MemberSpec
+from ensemble.tracking import group_run, log_epoch
 
 # JAX takes 75% of a GPU's memory up front by default; a group given a share of a GPU takes that share of it.
 JAX_GPU_MEMORY_FRACTION = 0.75
@@ -71,14 +72,28 @@ def worker_env(train: TrainConfig, gpus: float) -> dict[str, str]:
 
 
 def run_group(
-    trial: dict[str, Any], config: Config, storage: Storage, marker: str, data_ref: tuple, board: Any
+    trial: dict[str, Any],
+    config: Config,
+    storage: Storage,
+    marker: str,
+    tracking: dict[str, str] | None,
+    data_ref: tuple,
+    board: Any,
 ) -> None:
     """Ray Tune trial: fit one group as a Ray Train run (its reports reach Tune through TuneReportCallback).
     Here, not in ensemble.run, so that the trial's process imports only this module, not the driver's."""
     group = trial["group"]
     specs = [MemberSpec(**member) for member in group["members"]]
     trainer = group_trainer(
-        config, specs, group["name"], storage, marker, data_ref[0], group["resources"], progress=board
+        config,
+        specs,
+        group["name"],
+        storage,
+        marker,
+        data_ref[0],
+        group["resources"],
+        progress=board,
+        tracking=tracking,
     )
     trainer.fit()
 
@@ -94,6 +109,7 @@ def group_trainer(
     directory: str = MEMBERS_DIR,
     predict_test: bool = True,
     progress: ray.actor.ActorHandle | None = None,
+    tracking: dict[str, str] | None = None,
 ) -> DataParallelTrainer:
     """The Ray Train run that fits a group of members: one worker with `resources`, checkpoints under
     <directory>/<name>/.
@@ -101,6 +117,7 @@ def group_trainer(
     `marker` is the token the driver wrote to the run's STORAGE_MARKER_FILE, which the worker must read back.
     `predict_test`: whether the final checkpoint holds test-set logits (a search never uses them).
     `progress`: an actor the worker tells how its epochs advance, about once a second (ensemble/progress.py).
+    `tracking`: the MLflow run to log the members' epochs under (ensemble/tracking.py), if any.
     """
     use_gpu = resources["GPU"] > 0
     loop_config = {
@@ -113,6 +130,7 @@ def group_trainer(
         "marker": marker,
         "predict_test": predict_test,
         "progress": progress,
+        "tracking": tracking,
     }
     # Ray Train's framework-neutral trainer for both backends. Not TensorflowTrainer: it only sets TF_CONFIG
     # for multi-worker strategies, which a one-worker group does not use, and importing it imports
@@ -295,6 +313,7 @@ def train_group(loop_config: dict[str, Any]) -> None:
 
     group = Group(members, config, data)
     logs = ScalarLogs(storage)
+    mlflow = group_run(loop_config["tracking"], name)
     unreported: dict[str, list[dict[str, float]]] = {spec.name: [] for spec in specs}
     pace = {"trained": 0.0, "writing": 0.0}  # seconds trained since the last checkpoint, and its writing time
 
@@ -321,6 +340,7 @@ def train_group(loop_config: dict[str, Any]) -> None:
         for member in trained:
             unreported[member.spec.name].append(member.state.history[-1])
             logs.write(member.spec.name, member.state.history[-1])
+            log_epoch(mlflow, member.spec.name, member.state.history[-1])
         pace["trained"] += trained[0].state.history[-1]["seconds"]
         if pace["trained"] >= TRAINING_PER_CHECKPOINT * pace["writing"]:
             report()
@@ -340,6 +360,8 @@ def train_group(loop_config: dict[str, Any]) -> None:
 
     group.train(on_epoch, on_progress if board is not None else None)
     logs.close()
+    if mlflow is not None:
+        mlflow.end_run()
     # Every member now holds its best epoch's weights.
     parts = ["holdout", "test"] if loop_config["predict_test"] else ["holdout"]
     logits = {part: group.predict(part) for part in parts}

@@ -101,6 +101,12 @@ def test_dry_run_from_the_shell_prints_the_plan_and_nothing_else(tmp_path: Path)
     [
         ("train.max_epoch=3", "error: --set: unknown config key 'train.max_epoch' (did you mean 'train.max_epochs'?)"),
         ("ensemble.members=three", "error: --set: config key 'ensemble.members' expects <class 'int'>, got 'three'"),
+        # Port 1: nothing listens there. Said at once, where MLflow's client would retry for minutes.
+        (
+            "tracking.mlflow=http://127.0.0.1:1",
+            "error: tracking.mlflow http://127.0.0.1:1: no MLflow server answers there "
+            "([Errno 111] Connection refused)",
+        ),
     ],
 )
 def test_bad_config_key_exits_non_zero_from_the_shell(tmp_path: Path, override: str, expected: str) -> None:

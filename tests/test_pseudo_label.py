@@ -3,16 +3,15 @@
 Half the quickstart's digits through the real run, under JAX, on a terminal, the two members in one group:
 round 0 trains them on their whole pool; the test images its ensemble labels with a probability of at
 least 0.9 join round 1's training, whose members vote, over two test-time views. A crash in round 1 costs
-neither round 0 nor round 1's finished epochs. The JAX-trained run exports as one Keras model. (Under
-TensorFlow and off a terminal: tests/test_end_to_end.py; members in workers of their own: tests/test_cluster_job.py.)
+neither round 0 nor round 1's finished epochs. The run is tracked in MLflow, its export as one Keras model
+included. (Under TensorFlow and off a terminal: tests/test_end_to_end.py; members in workers of their own:
+tests/test_cluster_job.py.)
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ import pytest
 
 from ensemble.data import load_sample
 
-from .conftest import REPO
 from .helpers import EnsembleProcess, checkpoint_files, planned_and_reported
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
@@ -41,8 +39,9 @@ LIVE = re.compile(r"(member-0[01]) +epoch \d/2 +step \d+/\d+ +loss [\d.]+ +acc [
 
 
 def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a_crash(tmp_path: Path) -> None:
-    output = tmp_path / "run"
-    first = EnsembleProcess(*ARGS, "--output-dir", str(output), terminal=True)
+    output, tracking = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*ARGS, "--set", f"tracking.mlflow={tracking}", "--output-dir", str(output)]
+    first = EnsembleProcess(*args, terminal=True)
     first.wait_for(r"^member-01-round-1 epoch 1:")
     first.kill_everything()
     assert not (output / "report.json").exists()
@@ -59,7 +58,7 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     round_0 = checkpoint_files(output / "members" / "group-00")
     assert round_0
 
-    second = EnsembleProcess(*ARGS, "--output-dir", str(output))
+    second = EnsembleProcess(*args)
     assert second.finish() == 0, second.output[-3000:]
     assert "member-00 epoch" not in second.output and "member-01 epoch" not in second.output  # round 0 kept
     assert checkpoint_files(output / "members" / "group-00") == round_0  # read back, its files as they were
@@ -86,17 +85,30 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     assert "round 1 (2 members, with " in second.output and "n/a" in second.output  # summary: no val accuracy
     assert len((output / "submission.csv").read_text().splitlines()) == 501
 
-    # Exported as one model (by the default backend, TensorFlow), it labels the test digits as the submission does.
-    exported = tmp_path / "ensemble.keras"
-    command = [sys.executable, "-m", "ensemble.export", "--run", str(output), "--format", "keras"]
-    result = subprocess.run(
-        [*command, "--output", str(exported)], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "the logits vote of 2 members, 2 test-time view(s) each" in result.stdout
-
+    # Tracked in MLflow (a local sqlite: store, read back with MLflow's client): one run of the ensemble run,
+    # resumed by the second start; under it each group's worker logged its members' epochs.
     import keras
+    from mlflow import MlflowClient
 
+    client = MlflowClient(tracking)
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("digit-ensemble").experiment_id], "tags.output_dir != ''"
+    )  # fmt: skip
+    assert f"tracked in MLflow: run {parent.info.run_id} of experiment 'digit-ensemble' at {tracking}" in second.output
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "run"
+    assert parent.data.params["train.backend"] == "jax" and parent.data.params["ensemble.tta"] == "2"
+    assert parent.data.metrics["ensemble/holdout_accuracy"] == report["ensemble"]["holdout_accuracy"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for member in ("member-00", "member-01", "member-00-round-1", "member-01-round-1"):
+        steps = [
+            entry.step for child in children for entry in client.get_metric_history(child.info.run_id, f"{member}/loss")
+        ]
+        assert sorted(steps) == [1, 2], member  # each epoch once, round 1's in the crashed and the resumed run
+    artifacts = {entry.path for entry in client.list_artifacts(parent.info.run_id)}
+    assert artifacts == {"report.html", "report.json", "submission.csv", "model"}
+    # The run as one model (ensemble/export.py; a JAX run, exported by TensorFlow) labels the test digits as
+    # the submission does.
+    exported = client.download_artifacts(parent.info.run_id, "model/ensemble.keras", str(tmp_path))
     scores = keras.models.load_model(exported).predict(load_sample()[2][:500], verbose=0)["scores"]
     submitted = np.loadtxt(output / "submission.csv", delimiter=",", skiprows=1, dtype=int)[:, 1]
     assert (scores.argmax(1) != submitted).sum() <= 1  # computed by TensorFlow here, JAX there: a near-tie may move
