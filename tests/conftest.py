@@ -29,7 +29,6 @@ LONGEST_FIRST = [
     "test_cluster_job.py",
     "test_pseudo_label.py",
     "test_tune.py",
-    "test_full_disk.py",
     "test_groups.py",
     "test_backends.py",
 ]
