@@ -32,7 +32,7 @@ from ensemble.outputs import (
 )
 from ensemble.plan import MemberSpec
 from ensemble.report import render_report
-from ensemble.scoring import MemberLogits, score
+from ensemble.scoring import MemberLogits, Scores, score
 
 # What report.json keeps of each member's final state (ensemble/worker.py), besides its spec; a run from before
 # groups were timed has no "group" or "compile_seconds" (None).
@@ -139,10 +139,13 @@ def load_run(location: str) -> RunResults:
     )
 
 
-def write_results(run: RunResults, method: str) -> dict[str, Any]:
-    """Vote with `method`, then write submission.csv, report.json and report.html; returns the report."""
-    folds = run.config["data"].get("folds", 0)  # a run of an older version has no key
-    scores = score([m.logits for m in run.members], run.holdout_labels, method, run.config["ensemble"]["tta"], folds)
+def write_results(run: RunResults, method: str, scores: Scores | None = None) -> dict[str, Any]:
+    """Write submission.csv, report.json and report.html from `scores`, the members' vote with `method` (scored
+    here if not given); returns the report."""
+    if scores is None:
+        folds = run.config["data"].get("folds", 0)  # a run of an older version has no key
+        logits = [member.logits for member in run.members]
+        scores = score(logits, run.holdout_labels, method, run.config["ensemble"]["tta"], folds)
     report = {
         "members": [member.entry | scored for member, scored in zip(run.members, scores.members, strict=True)],
         "failed_members": run.failed,

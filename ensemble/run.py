@@ -320,7 +320,8 @@ def train_and_write(
                 file=sys.stderr,
             )
             return 1
-        scores = score([member.logits for member in finished], data.holdout_labels, method, config.ensemble.tta)
+        logits = [member.logits for member in finished]
+        scores = score(logits, data.holdout_labels, method, config.ensemble.tta, config.data.folds)
         rounds.append(round_summary(number, len(data.pseudo_labels), scores))
         if number < pseudo.rounds:  # the test images this round's ensemble is sure of join every member's training
             index, labels = pseudo_labels(scores, method, pseudo.threshold)
@@ -340,7 +341,7 @@ def train_and_write(
         storage, config.to_dict(), finished, failed, data.holdout_images, data.holdout_labels, timings,
         rounds if pseudo.rounds else [],
     )  # fmt: skip
-    report = write_results(run, method)
+    report = write_results(run, method, scores)  # the last round's, scored once
     print(summary_table(report))
     print(
         f"wrote {SUBMISSION_FILE}, {REPORT_FILE} and {HTML_REPORT_FILE} to {storage.location} "
