@@ -7,11 +7,11 @@ Rows, against the seed's pipeline unless a note says otherwise:
   the content-keyed cache (read_kaggle_csv_cached: first run a miss, second a hit);
 - augmentation: ImageDataGenerator.flow against the RandomAffine layer on whole batches, compiled;
 - training throughput at width 0.125 and 1: model.fit on ImageDataGenerator's batches against the package's
-  trainer (a one-member FusedGroup, augmenting inside the step); the note gives the model alone (the package's
+  trainer (a one-member FusedSteps, augmenting inside the step); the note gives the model alone (the package's
   step on one batch repeated, no augmentation), the ceiling;
 - member groups of K = 1, 2, 3 (benchmarks/groups.py), against the same K members one after another;
 - time to a val accuracy, and the val accuracy after a fixed number of epochs, of one member on a fixed slice:
-  model.fit against the package's Group (ours must not buy speed with accuracy).
+  model.fit against the package's GroupTrainer (ours must not buy speed with accuracy).
 Seed and ours share the model and its initial weights (ensemble.train.new_member), batch size and data, and
 run in alternating rounds, so that other work on a shared machine slows both alike. It measures the Keras
 backend of this process (TensorFlow unless KERAS_BACKEND says otherwise). --quick is a smoke test.
@@ -37,8 +37,8 @@ from benchmarks.harness import Row
 from ensemble.augment import RandomAffine
 from ensemble.config import Config, ModelConfig, TrainConfig
 from ensemble.data import IMAGE_SIDE, CsvSource, file_digest, kaggle_files, read_kaggle_csv, read_kaggle_csv_cached
-from ensemble.fused import fused_group
-from ensemble.train import EVAL_BATCH_SIZE, Group, configure_backend
+from ensemble.fused import fused_steps
+from ensemble.train import EVAL_BATCH_SIZE, GroupTrainer, configure_backend
 
 NARROW_WIDTH = 0.125  # conv channels 32, 64, 128: what a 2-core CI machine can afford
 
@@ -155,7 +155,7 @@ def training_row(images: np.ndarray, labels: np.ndarray, width: float, steps: in
     # At strength 0 the augmentation layer is the identity (the seed augments on the host); the same weights.
     seed, ours, alone = (harness.new_members(config, data, harness.specs(strength))[0] for strength in (0, 1, 0))
     flow = harness.image_data_generator_flow(x, y, batch)
-    ours_group, alone_group = fused_group([ours.model], x, y), fused_group([alone.model], x, y)
+    ours_group, alone_group = fused_steps([ours.model], x, y), fused_steps([alone.model], x, y)
     ours_batches, one_batch = harness.random_batches(1, steps, batch, len(x)), harness.repeated_batch(steps, batch)
     candidates = {
         "seed": lambda: harness.fit_steps(seed.model, flow, steps, batch),
@@ -211,7 +211,7 @@ def accuracy_rows(images: np.ndarray, labels: np.ndarray, s: Settings) -> list[R
             {"seconds": time.perf_counter() - start, "val_accuracy": float(fit.history["val_accuracy"][-1])}
         )
 
-    Group([ours], config, data).train(seed_epoch)  # its epochs' seconds include their validation, as the seed's
+    GroupTrainer([ours], config, data).train(seed_epoch)  # its epochs' seconds include their validation, as the seed's
     seed_history, ours_history = cumulative(seed_epochs), cumulative(ours.state.history)
     reached = ", ".join(
         f"{name} {'not reached' if seconds_to(history, s.target) is None else 'reached'}"

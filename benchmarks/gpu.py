@@ -11,13 +11,13 @@ CNN, every row against a baseline measured in the same run. Its sections, in thi
   of the GPU's bf16 peak;
 - settings: the largest group at batch 128 and 512, in float32 and mixed bfloat16, the same three ways;
 - profile: where one training step's time goes, part by part (JAX only: benchmarks/step_profile.py);
-- throughput: one member against the package's trainer (a one-member FusedGroup: float32, XLA, images on the
+- throughput: one member against the package's trainer (a one-member FusedSteps: float32, XLA, images on the
   device, augmentation inside the step): mixed bfloat16; XLA off (model.fit, jit_compile=False); augmentation on
   the host (the seed's ImageDataGenerator feeding model.fit); the model alone (one batch, no augmentation);
-- recipe: one epoch of configs/reference.yaml through ensemble.train's Group, float32 against mixed bfloat16,
+- recipe: one epoch of configs/reference.yaml through ensemble.train's GroupTrainer, float32 against mixed bfloat16,
   and the TFLOP/s each achieves against the GPU's peak (training FLOPs counted from the layers);
 - sharing: K = 2, 4, 8 members at once, each training in its own process, against one process alone;
-- member (with --member CONFIG): member 0 of CONFIG trained to early stopping by a Group of one, as a Ray
+- member (with --member CONFIG): member 0 of CONFIG trained to early stopping by a GroupTrainer of one, as a Ray
   worker does.
 Every row goes to the JSON file as soon as it is measured, so a run cut short keeps what it measured. Cost on
 one H200 not yet timed; the groups' programs grow with K, and the unrolled group of 10 compiles the longest.
@@ -49,7 +49,7 @@ from ensemble.config import Config, command_line_overrides, load_config
 
 if TYPE_CHECKING:
     from ensemble.data import EnsembleData
-    from ensemble.train import Group, Member
+    from ensemble.train import GroupTrainer, Member
 
 BACKENDS = ("jax", "tensorflow")
 # (batch size, precision) of the largest group's "settings" rows, beside the config's own batch in float32.
@@ -95,7 +95,7 @@ QUICK = Settings(
 
 
 def throughput_rows(images: np.ndarray, labels: np.ndarray, s: Settings, device: str) -> list[Row]:
-    from ensemble.fused import fused_group
+    from ensemble.fused import fused_steps
 
     config = harness.width_config(s.width)
     batch, data = config.train.batch_size, harness.pool_data(images, labels)
@@ -107,7 +107,7 @@ def throughput_rows(images: np.ndarray, labels: np.ndarray, s: Settings, device:
         return harness.new_members(changed, data, harness.specs(strength))[0]
 
     def trainer(one: Member, batches: np.ndarray) -> Callable[[], object]:
-        group = fused_group([one.model], images, labels)
+        group = fused_steps([one.model], images, labels)
         return lambda: group.train_epoch((0,), batches)
 
     batches = harness.random_batches(1, s.steps, batch, len(images))
@@ -137,7 +137,7 @@ def throughput_rows(images: np.ndarray, labels: np.ndarray, s: Settings, device:
 def train_in_this_process(data_dir: str, width: str, images: str, steps: str) -> None:
     """A process of the sharing rows: a one-member group, compiled, then `steps` steps for each line read on
     stdin, answered with when they began and ended (harness.serve)."""
-    from ensemble.fused import fused_group
+    from ensemble.fused import fused_steps
     from ensemble.train import configure_backend
 
     configure_backend(1)
@@ -145,7 +145,7 @@ def train_in_this_process(data_dir: str, width: str, images: str, steps: str) ->
     x, y = x[: int(images)], y[: int(images)]
     config = harness.width_config(float(width))
     [member] = harness.new_members(config, harness.pool_data(x, y), harness.specs(1.0))
-    group = fused_group([member.model], x, y)
+    group = fused_steps([member.model], x, y)
     batches = harness.random_batches(1, int(steps), config.train.batch_size, len(x))
     group.train_epoch((0,), batches[:, :1])  # compiles
 
@@ -185,14 +185,14 @@ def recipe_config(path: Path, data_dir: Path, quick: bool, overrides: Sequence[s
     return load_config(path, extra)
 
 
-def train_member_zero(config: Config, on_epoch: Callable[[list[Member]], None]) -> tuple[Group, EnsembleData]:
-    """Member 0 of `config`, trained as a Ray worker trains it (ensemble/worker.py) but without Ray: a Group of one."""
+def train_member_zero(config: Config, on_epoch: Callable[[list[Member]], None]) -> tuple[GroupTrainer, EnsembleData]:
+    """Member 0 of `config`, trained as a Ray worker trains it (ensemble/worker.py), without Ray."""
     from ensemble.data import prepare
     from ensemble.plan import plan_members
-    from ensemble.train import Group
+    from ensemble.train import GroupTrainer
 
     data = prepare(config.data)
-    group = Group(harness.new_members(config, data, plan_members(config.ensemble)[:1]), config, data)
+    group = GroupTrainer(harness.new_members(config, data, plan_members(config.ensemble)[:1]), config, data)
     group.train(on_epoch)
     return group, data
 

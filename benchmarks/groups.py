@@ -4,7 +4,7 @@ On the same K members (all at augmentation strength 1) and the same batches, in 
 - one after another (every row's baseline): one member's own step, the package's one-member program that a
   member in a worker of its own runs, K times over on the K members' batches: the work of K members trained
   one after another, at the cost of one compile;
-- unrolled: the K members' steps unrolled in one FusedGroup.train_epoch call (ensemble/fused.py), as a group
+- unrolled: the K members' steps unrolled in one FusedSteps.train_epoch call (ensemble/fused.py), as a group
   trains;
 - vmapped (JAX only): ensemble.fused.jax_member_step, jax.vmap-ed over the K members' stacked variables
   (trainable, non-trainable with the augmentation's random state, and the optimizer's), jitted;
@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks import harness
 from benchmarks.harness import Row
 from ensemble.config import Config
-from ensemble.fused import FusedGroup, fused_group, jax_member_step, jax_variables
+from ensemble.fused import FusedSteps, fused_steps, jax_member_step, jax_variables
 
 BASELINE = "one after another"
 VARIANTS = {
@@ -38,7 +38,7 @@ VARIANTS = {
 }
 
 
-def stacked_trainer(fused: FusedGroup, models: list[keras.Model], batches: np.ndarray, how: str) -> Callable[[], None]:
+def stacked_trainer(fused: FusedSteps, models: list[keras.Model], batches: np.ndarray, how: str) -> Callable[[], None]:
     """JAX: the members' steps as one program over their stacked variables, on `batches` (members, steps, batch).
 
     `how` is "vmapped" (jax.vmap: each layer batched over the members) or "mapped" (jax.lax.map: a loop over
@@ -73,7 +73,7 @@ def stacked_trainer(fused: FusedGroup, models: list[keras.Model], batches: np.nd
     return train
 
 
-def candidates_for(k: int, fused: FusedGroup, batches: np.ndarray) -> dict[str, Callable[[], object]]:
+def candidates_for(k: int, fused: FusedSteps, batches: np.ndarray) -> dict[str, Callable[[], object]]:
     """The baseline and every variant this backend has, for the first k of the group's members."""
     candidates: dict[str, Callable[[], object]] = {
         BASELINE: lambda: [fused.train_epoch((0,), batches[i : i + 1]) for i in range(k)],
@@ -117,11 +117,11 @@ def images_per_peak(model: keras.Model, gpu: str | None) -> float | None:
 
 def members_together(
     images: np.ndarray, labels: np.ndarray, config: Config, k: int, steps: int, gpu: str | None
-) -> tuple[FusedGroup, np.ndarray, float | None]:
-    """k members of `config` (strength 1) in one FusedGroup over the images, random batches (k, steps, batch)
+) -> tuple[FusedSteps, np.ndarray, float | None]:
+    """k members of `config` (strength 1) in one FusedSteps over the images, random batches (k, steps, batch)
     for them, and the images per second at the GPU's bf16 peak (images_per_peak)."""
     members = harness.new_members(config, harness.pool_data(images, labels), harness.specs(*[1.0] * k))
-    fused = fused_group([member.model for member in members], images, labels)
+    fused = fused_steps([member.model for member in members], images, labels)
     batches = harness.random_batches(k, steps, config.train.batch_size, len(images))
     return fused, batches, images_per_peak(fused.models[0], gpu)
 

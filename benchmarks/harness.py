@@ -216,7 +216,7 @@ def new_members(config: Config, data: EnsembleData, member_specs: Sequence[Membe
 
 
 def random_batches(members: int, steps: int, batch: int, images: int) -> np.ndarray:
-    """Image indices (members, steps, batch) for FusedGroup.train_epoch, drawn at random."""
+    """Image indices (members, steps, batch) for FusedSteps.train_epoch, drawn at random."""
     return np.random.default_rng(0).integers(0, images, (members, steps, batch))
 
 

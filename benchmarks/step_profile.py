@@ -4,7 +4,7 @@ Each part is a jitted function called once per batch, back to back (as a group d
 waited for at the end: augmentation alone; the forward pass; forward and backward; the full step with the
 optimizer (the package's own for one member, ensemble/fused.py); and that step for the same model with
 BatchNorm and ReLU taken out. The parts are differences of their medians. Around them: the package's step
-as a group trains it (FusedGroup.train_epoch, the baseline of every row: the ratio is a part's share), an
+as a group trains it (FusedSteps.train_epoch, the baseline of every row: the ratio is a part's share), an
 empty jitted call (dispatch: a part shorter than that shows the dispatch instead) and one batch of images
 copied from the host (what the seed's pipeline pays each step; the package sends index arrays, once an
 epoch). On a noisy CPU a small difference can come out negative.
@@ -24,7 +24,7 @@ from keras import ops
 from benchmarks import harness
 from benchmarks.harness import Row
 from ensemble.config import Config
-from ensemble.fused import fused_group, jax_member_step, jax_variables
+from ensemble.fused import fused_steps, jax_member_step, jax_variables
 from ensemble.model import compile_model
 
 
@@ -70,7 +70,7 @@ def profile_rows(
     [member] = harness.new_members(config, harness.pool_data(images, labels), harness.specs(1.0))
     model = member.model
     bare = without_batchnorm_relu(model, config)
-    group = fused_group([model], images, labels)
+    group = fused_steps([model], images, labels)
     batches = harness.random_batches(1, steps, batch, len(images))
     indices = [jnp.asarray(rows, jnp.int32) for rows in batches[0]]  # on the device before the clock starts
     trainable, non_trainable = values(model.trainable_variables), values(model.non_trainable_variables)
@@ -137,7 +137,7 @@ def profile_rows(
         f"host to device: one batch of {batch} images": ms["host to device"],
     }
     note = (
-        f"baseline: the package's step (FusedGroup.train_epoch, one member); width {config.model.width:g}, batch "
+        f"baseline: the package's step (FusedSteps.train_epoch, one member); width {config.model.width:g}, batch "
         f"{batch}, median of {rounds} rounds of {steps} steps; ratio: share of the step"
     )
     return [Row(f"step profile: {name}", "ms", device, ms["package"], value, note) for name, value in shares.items()]

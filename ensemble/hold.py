@@ -26,10 +26,9 @@ from typing import Any
 import pyarrow.fs
 
 from ensemble.config import ConfigError
-from ensemble.outputs import Storage
+from ensemble.rundir import LEASE_FILE, LOCK_FILE
+from ensemble.storage import Storage
 
-LOCK_FILE = ".run.lock"
-LEASE_FILE = ".run-lease.json"
 LEASE_BEAT_SECONDS = 10.0
 LEASE_STALE_SECONDS = 60.0
 

@@ -1,37 +1,74 @@
-"""Starting Ray and running members on it: what `ensemble.run` and `ensemble.tune` share.
+"""The driver's session on Ray: what `ensemble.run` and `ensemble.tune` share, from their options to their trials.
 
-- `setup_environment` and `start_ray`: the process environment both entry points need, set by their
-  `main` (never at import), then Ray: the cluster RAY_ADDRESS names (as `ray job submit` sets it), or a
-  local Ray of this process's own.
-- `cluster_nodes`: the cluster's nodes and the kinds its autoscaler may add, for the resource plan
-  (ensemble/resources.py); `check_sees_gpus`: a run stops at once where Ray counts no GPU but the driver lists some.
-- `tuner`: one Ray Tune trial per group (or per search trial), each of which runs the group as a Ray
-  Train run (ensemble/worker.py), with the run's progress lines (ensemble/progress.py) and a watch on
-  groups that wait for resources (`ResourceWatch`).
+- `add_options` and `load_options`: the command-line options both take, read into the config.
+- `setup_environment`, then `start`: the process environment both need, set by their `main` (never at
+  import); then Ray (`start_ray`: the cluster RAY_ADDRESS names, as `ray job submit` sets it, or a local Ray
+  of this process's own), its nodes for the resource plan (ensemble/resources.py), and a stop at once where
+  Ray counts no GPU but the machine's driver lists some. `Driver` holds what they give.
+- `fit_trials`: Ray Tune trials (a run's groups, or a search's trials), each of which trains members as a Ray
+  Train run (ensemble/worker.py), with the progress lines (ensemble/progress.py) and a watch on workers
+  that wait for resources (`ResourceWatch`).
+- `native_stderr_silenced`: TensorFlow's C++ start-up lines kept off the console.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
 
-from ensemble.config import ConfigError, ResourcesConfig
-from ensemble.outputs import Storage
+from ensemble import rundir
+from ensemble.config import Config, ConfigError, ResourcesConfig, command_line_overrides, load_config
+from ensemble.data import EnsembleData
+from ensemble.progress import Progress
 from ensemble.resources import Nodes
+from ensemble.storage import Storage
 
 # A trial only waits on its Ray Train run, whose worker holds the CPUs and GPUs: the trial holds memory alone.
 TRIAL_MEMORY_BYTES = 512 * 1024**2
 WATCH_SECONDS = 5.0  # how often ResourceWatch asks Ray's state API what is pending
+
+
+def add_options(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
+    """The options of ensemble.run and ensemble.tune alike."""
+    parser.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
+    parser.add_argument(
+        "--data-dir",
+        help="Kaggle's data: a folder holding train.csv and test.csv, or digit-recognizer.zip; or that zip "
+        "(sets data.source=kaggle)",
+    )
+    parser.add_argument("--output-dir", help=f"where results go (default: {default_output_dir})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's, Tune's and the workers' own output (kept in Ray's logs)"
+    )
+
+
+def load_options(args: argparse.Namespace, output_dir: str | None = None) -> Config:
+    """The config the options give: the file, then --data-dir, each --set, and --output-dir (else `output_dir`)."""
+    overrides = command_line_overrides(args.set, args.data_dir)
+    if args.output_dir or output_dir:
+        overrides.append({"output_dir": args.output_dir or output_dir})
+    return load_config(args.config, overrides)
+
+
+def refused(error: Exception) -> int:
+    """Say why a command cannot go on, in one line: the exit code of bad input."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def setup_environment() -> None:
@@ -43,6 +80,24 @@ def setup_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(silenced: bool) -> Iterator[None]:
+    """Discard what native code writes to file descriptor 2: TensorFlow's C++ start-up lines (absl, CUDA
+    probes) bypass TF_CPP_MIN_LOG_LEVEL and Python's sys.stderr alike. Python's own errors still show."""
+    if not silenced:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def leave_working_dir() -> None:
@@ -97,6 +152,26 @@ def start_ray(verbose: bool) -> None:
     if not verbose:
         logs = os.path.join(context.address_info["session_dir"], "logs")
         print(f"Ray's, Tune's and the workers' own output: {logs} (--verbose shows it here)", flush=True)
+
+
+@dataclasses.dataclass
+class Driver:
+    """What a driver holds once Ray is up: its config, its output location, the cluster's nodes."""
+
+    config: Config
+    storage: Storage
+    nodes: Nodes
+    verbose: bool
+
+
+def start(config: Config, storage: Storage, verbose: bool) -> Driver:
+    """Leave the working dir, start or join Ray, and read its nodes; a ConfigError where Ray sees no GPU that the
+    machine has."""
+    leave_working_dir()
+    start_ray(verbose)
+    nodes = cluster_nodes()
+    check_sees_gpus(config.resources, nodes)
+    return Driver(config, storage, nodes, verbose)
 
 
 def free_port() -> int:
@@ -223,35 +298,55 @@ class ResourceWatch(tune.Stopper):
         return pending, any(g.state == "CREATED" for g in workers)
 
 
-def tuner(
+def fit_trials(
+    driver: Driver,
     trainable: Callable[..., None],
     parameters: dict[str, Any],
-    storage: Storage,
-    path: str,
-    name: str,
-    callbacks: list[tune.Callback],
-    stop: tune.Stopper,
-    verbose: bool,
+    data: EnsembleData,
+    experiment: tuple[str, str],
+    progress: tuple[Callable[[str, str], str], int],
     tune_config: tune.TuneConfig,
     param_space: dict[str, Any],
-) -> tune.Tuner:
-    """A Tuner of `trainable` (given `parameters` through Ray's object store), its experiment stored at
-    <path>/<name> of `storage`'s filesystem."""
-    return tune.Tuner(
-        trial_trainable(trainable, **parameters),
-        param_space=param_space,
-        tune_config=tune_config,
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=path,
-            storage_filesystem=storage.filesystem,
-            callbacks=callbacks,
-            stop=stop,
-            verbose=1 if verbose else 0,
-        ),
+    resume: bool = False,
+) -> tuple[tune.ResultGrid, str | None]:
+    """Run `trainable`'s trials through Ray Tune: (their results, why the run stopped waiting for resources if it
+    did). Each trial gets `parameters` and the run's: its output location, a new marker of this start
+    (rundir.write_marker), the data (put in the object store once) and the live progress board.
+
+    `experiment`: (storage path, name) of the Tune experiment in the output location; with `resume`, one found
+    there is restored (a search's). `progress`: how progress lines name a member, and the epoch budget.
+    """
+    lines = Progress(*progress)
+    watch = ResourceWatch(driver.config.resources.wait_seconds, bool(driver.nodes.addable), say=lines.say)
+    storage = driver.storage
+    parameters = parameters | {
+        "storage": storage,
+        "marker": rundir.write_marker(storage),
+        # The data goes into the object store once; trials read it from there. The reference is wrapped in a
+        # tuple because with_parameters would otherwise resolve it to the data itself in every trial.
+        "data_ref": (ray.put(data),),
+        "board": lines.board,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(trainable, **parameters), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
     )
-
-
-def trial_trainable(trainable: Callable[..., None], **parameters: Any) -> Any:
-    """The trainable as Tune runs it: its parameters put in the object store once, and a trial's resources."""
-    return tune.with_resources(tune.with_parameters(trainable, **parameters), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
+    path, name = experiment
+    try:
+        if resume and tune.Tuner.can_restore(f"{path}/{name}", storage_filesystem=storage.filesystem):
+            lines.say(f"resuming the {name} found in the output dir")
+            tuner = tune.Tuner.restore(
+                f"{path}/{name}", trainable, resume_errored=True, storage_filesystem=storage.filesystem
+            )
+        else:
+            run_config = tune.RunConfig(
+                name=name,
+                storage_path=path,
+                storage_filesystem=storage.filesystem,
+                callbacks=[lines],
+                stop=watch,
+                verbose=1 if driver.verbose else 0,
+            )
+            tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        return tuner.fit(), watch.stopped
+    finally:
+        lines.close()

@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from ensemble import rundir
 from ensemble.config import ConfigError
 from ensemble.data import IMAGE_SIDE, NUM_CLASSES, DataError, read_kaggle_csv
-from ensemble.outputs import MODEL_FILE, Storage, native_stderr_silenced, read_member_file
-from ensemble.results import member_checkpoint, read_report
+from ensemble.launch import native_stderr_silenced
+from ensemble.rundir import read_report
+from ensemble.storage import Storage
 from ensemble.vote import vote, vote_probabilities
 
 
@@ -54,14 +56,9 @@ def load_members(storage: Storage, report: dict) -> list[Any]:
     models = []
     # TensorFlow's C++ start-up lines (CUDA probes) come at its import and its first op, while loading.
     with native_stderr_silenced(True):
-        import keras
-
-        import ensemble.augment  # noqa: F401  (registers RandomAffine, the first layer of every saved member)
-
         for member in report["members"]:
-            with member_checkpoint(storage, member["checkpoint"]).as_directory() as directory:
-                name, folder = member["name"], member["checkpoint"]
-                models.append(read_member_file(name, folder, MODEL_FILE, keras.models.load_model, directory))
+            with rundir.member_checkpoint(storage, member["checkpoint"]).as_directory() as directory:
+                models.append(rundir.read_model(member["name"], member["checkpoint"], directory))
     return models
 
 

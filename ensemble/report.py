@@ -1,4 +1,10 @@
-"""The run's pictures: PNG plots and one self-contained report.html (images embedded) beside them.
+"""What a run reports: the summary printed at its end, and report.html with its pictures.
+
+The summary (`summary_table`): a row per member, the ensemble, whether it beats its best member beyond
+noise, the estimates with data.folds, the pseudo-labelling rounds; and for a run that labelled all of
+Kaggle's test.csv, the command that submits it (`kaggle_submit_line`).
+
+The pictures: PNG plots and one self-contained report.html (images embedded) beside them.
 
 - curves.png: each member's training and validation accuracy and loss by epoch;
 - ensemble_size.png: ensemble holdout accuracy by number of members (in member order, and the mean
@@ -14,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import shlex
 from typing import Any
 
 import numpy as np
@@ -22,11 +29,102 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
 from ensemble.data import NUM_CLASSES
-from ensemble.outputs import HTML_REPORT_FILE, Storage, estimate_lines, round_line, verdict
+from ensemble.rundir import HTML_REPORT_FILE, SUBMISSION_FILE
+from ensemble.storage import Storage
 from ensemble.vote import vote, vote_probabilities
 
 RANDOM_ORDERS = 50
 MAX_ERRORS_SHOWN = 48
+KAGGLE_TEST_ROWS = 28_000  # Kaggle's test.csv, every row of which a submission must label
+
+
+def kaggle_submit_line(storage: Storage, report: dict[str, Any], test_rows: int) -> str | None:
+    """The command that sends the run's submission to Kaggle's Digit Recognizer (with the kaggle CLI): for a run
+    that labelled all of Kaggle's test.csv (Kaggle refuses any other row count)."""
+    if test_rows != KAGGLE_TEST_ROWS:
+        return None
+    ensemble = report["ensemble"]
+    message = f"digit-ensemble: {len(report['members'])} members, {ensemble['vote']} vote"
+    if ensemble["holdout_accuracy"] is not None:
+        message += f", holdout {100 * ensemble['holdout_accuracy']:.2f}% of {ensemble['holdout_size']:,}"
+    submission = f"{storage.location}/{SUBMISSION_FILE}"
+    local = shlex.quote(submission) if storage.is_local else SUBMISSION_FILE
+    command = f"kaggle competitions submit -c digit-recognizer -f {local} -m {shlex.quote(message)}"
+    return f"to submit it: {command}" if storage.is_local else f"to submit it, copy {submission} here, then: {command}"
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The human summary printed at the end of a run: a row per member, the ensemble, and whether it beats
+    its best member beyond noise (holdout accuracies with their 95% Wilson intervals)."""
+
+    def percent(value: float | None, interval: list[float] | None = None) -> str:
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.2f}%" + (f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else "")
+
+    members, ensemble = report["members"], report["ensemble"]
+    lines = [f"{'member':<10}{'strength':>9}{'epochs':>8}{'best':>6}{'val acc':>10}   holdout acc [95% interval]"]
+    for member in members:
+        lines.append(
+            f"{member['name']:<10}{member['strength']:>9.2f}{member['epochs']:>8}{member['best_epoch']:>6}"
+            f"{percent(member['val_accuracy']):>10}   {percent(member['holdout_accuracy'], member['holdout_interval'])}"
+        )
+    lines.append(f"{'ensemble':<43}   {percent(ensemble['holdout_accuracy'], ensemble['holdout_interval'])}")
+    if "against_best_member" in ensemble:
+        lines.append(verdict(ensemble["against_best_member"], ensemble["holdout_accuracy"]))
+    lines += estimate_lines(ensemble)
+    lines += [round_line(entry) for entry in report.get("rounds", [])]
+    return "\n".join(lines)
+
+
+def estimate_lines(ensemble: dict[str, Any]) -> list[str]:
+    """With data.folds: the members' out-of-fold accuracy, and the accuracy to expect on unseen images."""
+    if "out_of_fold" not in ensemble:
+        return []
+    fold, expected = ensemble["out_of_fold"], ensemble["expected_on_unseen"]
+
+    def percent(value: float, interval: list[float]) -> str:
+        return f"{100 * value:.2f}% [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+    by = "a member" if fold["members_per_image"] == 1 else "the members"
+    lines = [
+        f"out of fold: {percent(fold['accuracy'], fold['interval'])} on {fold['images']:,} pool images, each "
+        f"predicted by {by} that never trained on it"
+    ]
+    gain = expected["holdout_gain_over_average_member"]
+    if gain is None:
+        lines.append(
+            f"expected on unseen images: at least {percent(expected['accuracy'], expected['interval'])}, the "
+            "members' out-of-fold accuracy (no holdout to measure what the vote adds)"
+        )
+    else:
+        lines.append(
+            f"expected on unseen images: {percent(expected['accuracy'], expected['interval'])}: the members out of "
+            f"fold, {gain * 100:+.2f} points that the vote adds to its average member on the "
+            f"{ensemble['holdout_size']:,}-image holdout"
+        )
+    return lines
+
+
+def round_line(entry: dict[str, Any]) -> str:
+    """One pseudo-labelling round: how many test images joined, and its ensemble's holdout accuracy."""
+    added = f", with {entry['pseudo_labelled']} pseudo-labelled test images" if entry["round"] else ""
+    accuracy = entry["holdout_accuracy"]
+    score = "no holdout" if accuracy is None else f"holdout {100 * accuracy:.2f}%"
+    interval = entry["holdout_interval"]
+    score += f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else ""
+    return f"round {entry['round']} ({len(entry['members'])} members{added}): {score}"
+
+
+def verdict(comparison: dict[str, Any], ensemble_accuracy: float) -> str:
+    """One line: the ensemble against its best member, and whether the difference is beyond noise."""
+    gain = 100 * (ensemble_accuracy - comparison["member_holdout_accuracy"])
+    judged = "better beyond noise" if comparison["ensemble_better_beyond_noise"] else "not better beyond noise"
+    return (
+        f"ensemble vs best member ({comparison['member']}): {gain:+.2f} points; right only by the ensemble on "
+        f"{comparison['ensemble_only_right']} holdout images, only by the member on {comparison['member_only_right']}; "
+        f"exact McNemar p = {comparison['p_value']:.3g}: {judged}"
+    )
 
 
 def _figure(columns: int = 1, rows: int = 1, **options: Any) -> tuple[Figure, Any]:

@@ -2,7 +2,7 @@
 
 - `member_resources`: what one member asks for (`gpus_per_member: auto` is a GPU where the cluster has one).
 - `group_size` and `split_evenly`: which members train together in one worker (resources.members_per_worker).
-- `group_resources` and `describe_groups`: what each group's worker asks for.
+- `MemberGroup`, `group_resources` and `plan_groups`: each group of members, and what its worker asks for.
 - `check_fits`: a group that no node the cluster has or may add can hold stops the run at once.
 - `parallel_groups`: how many groups train at once.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any
 
 from ensemble.config import ConfigError, ResourcesConfig
 from ensemble.plan import MemberSpec
@@ -86,14 +85,25 @@ def split_evenly(specs: list[MemberSpec], size: int) -> list[list[MemberSpec]]:
     return [specs[start : start + length] for start, length in zip(starts, sizes, strict=True)]
 
 
-def describe_groups(members: list[list[MemberSpec]], config: ResourcesConfig, nodes: Nodes) -> list[dict[str, Any]]:
-    """Each group as its Tune trial takes it: {"name", "members" (MemberSpec dicts), "resources" of its worker}."""
+@dataclasses.dataclass(frozen=True)
+class MemberGroup:
+    """Members that train together: in one worker, on one device, in one compiled program (ensemble/train.py).
+
+    Its name names its Ray Train run (members/<name>/); `resources` is what its worker asks for."""
+
+    name: str
+    members: list[MemberSpec]
+    resources: dict[str, float]
+
+
+def plan_groups(members: list[list[MemberSpec]], config: ResourcesConfig, nodes: Nodes) -> list[MemberGroup]:
+    """Each list of members as a named group, with what its worker asks for."""
     return [
-        {
-            "name": f"group-{index:02d}" + (f"-round-{group[0].round}" if group[0].round else ""),
-            "members": [dataclasses.asdict(spec) for spec in group],
-            "resources": group_resources(config, len(group), nodes),
-        }
+        MemberGroup(
+            f"group-{index:02d}" + (f"-round-{group[0].round}" if group[0].round else ""),
+            group,
+            group_resources(config, len(group), nodes),
+        )
         for index, group in enumerate(members)
     ]
 

@@ -9,34 +9,22 @@ reads and writes.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray.train
 
-from ensemble.config import ConfigError
-from ensemble.outputs import (
-    HOLDOUT_FILE,
-    LOGITS_FILE,
-    REPORT_FILE,
-    STATE_FILE,
-    SUBMISSION_FILE,
-    Storage,
-    read_arrays,
-    read_json,
-    read_member_file,
-    submission_csv,
-)
+from ensemble import rundir
 from ensemble.plan import MemberSpec
 from ensemble.report import render_report
+from ensemble.rundir import REPORT_FILE, SUBMISSION_FILE, WhereTrained
 from ensemble.scoring import MemberLogits, Scores, score
+from ensemble.storage import Storage
 
-# What report.json keeps of each member's final state (ensemble/worker.py), besides its spec; a run from before
-# groups were timed has no "group" or "compile_seconds" (None).
-STATE_FIELDS = ("epochs", "best_epoch", "group", "compile_seconds", "node_id", "gpus", "started_at", "finished_at")
+# What report.json keeps of each member's final state, besides its spec; a run from before groups were timed
+# has no "group" or "compile_seconds" (None).
+STATE_FIELDS = ("epochs", "best_epoch", *(field.name for field in dataclasses.fields(WhereTrained)))
 
 
 @dataclass
@@ -59,24 +47,11 @@ class RunResults:
     rounds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def member_checkpoint(storage: Storage, checkpoint: str) -> ray.train.Checkpoint:
-    """A member's folder in its group's checkpoint, by its path relative to the run (as report.json names it)."""
-    return ray.train.Checkpoint(storage.path(checkpoint), storage.filesystem)
-
-
-def read_report(storage: Storage) -> dict[str, Any]:
-    """A finished run's report.json; a ConfigError when the location holds no finished run."""
-    text = storage.read_text(REPORT_FILE)
-    if text is None:
-        raise ConfigError(f"{storage.location}: no {REPORT_FILE}; is it a finished run's output dir?")
-    return json.loads(text)
-
-
-def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> FinishedMember:
-    """A finished member's report entry, history and logits, read from its folder of its group's final checkpoint."""
-    with member_checkpoint(storage, checkpoint).as_directory() as directory:
-        state = read_member_file(spec.name, checkpoint, STATE_FILE, read_json, directory)
-        arrays = read_member_file(spec.name, checkpoint, LOGITS_FILE, read_arrays, directory)
+def load_member(storage: Storage, spec: MemberSpec, folder: str) -> FinishedMember:
+    """A finished member's report entry, history and logits, read from its `folder` of its group's final checkpoint."""
+    with rundir.member_checkpoint(storage, folder).as_directory() as directory:
+        state = rundir.read_state(spec.name, folder, directory)
+        predictions = rundir.read_predictions(spec.name, folder, directory)
     history = state["history"]
     best = history[state["best_epoch"] - 1] if history else {}
     entry = {
@@ -85,19 +60,27 @@ def load_member(storage: Storage, spec: MemberSpec, checkpoint: str) -> Finished
         **{key: state.get(key) for key in STATE_FIELDS},
         "val_accuracy": best.get("val_accuracy"),  # None: it had no validation split
         "train_seconds": round(sum(epoch["seconds"] for epoch in history), 2),
-        "checkpoint": checkpoint,
+        "checkpoint": folder,
     }
-    # With test-time augmentation the vote uses the augmented views; the plain logits are kept to compare.
-    logits = MemberLogits(
-        spec.name,
-        holdout=arrays.get("holdout_tta", arrays["holdout"]),
-        test=arrays.get("test_tta", arrays["test"]),
-        holdout_plain=arrays["holdout"],
-        validation=arrays.get("validation_tta", arrays.get("validation")),
-        validation_index=arrays.get("validation_index"),
-        validation_labels=arrays.get("validation_labels"),
+    return FinishedMember(entry, history, member_logits(spec.name, predictions))
+
+
+def member_logits(name: str, predictions: rundir.Predictions) -> MemberLogits:
+    """What the vote uses of a member's predictions: with test-time augmentation, the augmented views (the plain
+    holdout logits are kept to compare)."""
+
+    def voted(plain: np.ndarray | None, augmented: np.ndarray | None) -> np.ndarray | None:
+        return plain if augmented is None else augmented
+
+    return MemberLogits(
+        name,
+        holdout=voted(predictions.holdout, predictions.holdout_tta),
+        test=voted(predictions.test, predictions.test_tta),
+        holdout_plain=predictions.holdout,
+        validation=voted(predictions.validation, predictions.validation_tta),
+        validation_index=predictions.validation_index,
+        validation_labels=predictions.validation_labels,
     )
-    return FinishedMember(entry, history, logits)
 
 
 def groups_compile_seconds(members: list[FinishedMember]) -> float:
@@ -107,26 +90,12 @@ def groups_compile_seconds(members: list[FinishedMember]) -> float:
     return round(sum(by_group.values()), 2)
 
 
-def save_holdout(storage: Storage, images: np.ndarray, labels: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, images=images, labels=labels)
-    storage.write_bytes(buffer.getvalue(), HOLDOUT_FILE)
-
-
 def load_run(location: str) -> RunResults:
     """A finished run, from its output directory: members' logits, holdout, config."""
     storage = Storage(location)
-    report = read_report(storage)
-    holdout = storage.read_bytes(HOLDOUT_FILE)
-    if holdout is None:
-        raise ConfigError(f"{location}: no {HOLDOUT_FILE}; is it a finished run's output dir?")
-    spec_fields = [field.name for field in dataclasses.fields(MemberSpec)]
-    members = [
-        load_member(storage, MemberSpec(**{key: entry[key] for key in spec_fields}), entry["checkpoint"])
-        for entry in report["members"]
-    ]
-    with np.load(io.BytesIO(holdout)) as arrays:
-        images, labels = arrays["images"], arrays["labels"]
+    report = rundir.read_report(storage)
+    images, labels = rundir.load_holdout(storage)
+    members = [load_member(storage, rundir.member_spec(entry), entry["checkpoint"]) for entry in report["members"]]
     return RunResults(
         storage,
         report["config"],
@@ -167,6 +136,12 @@ def write_results(run: RunResults, method: str, scores: Scores | None = None) ->
         scores.holdout_scores,
     )
     return report
+
+
+def submission_csv(labels: np.ndarray) -> str:
+    """Kaggle's format: header `ImageId,Label`, ImageId counting from 1 in test.csv's row order."""
+    rows = (f"{image_id},{label}" for image_id, label in enumerate(labels.tolist(), start=1))
+    return "\n".join(["ImageId,Label", *rows]) + "\n"
 
 
 def package_versions() -> dict[str, str]:

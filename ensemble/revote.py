@@ -12,7 +12,7 @@ import sys
 
 from ensemble.config import VOTE_METHODS, ConfigError
 from ensemble.hold import OutputDirHold
-from ensemble.outputs import summary_table
+from ensemble.report import summary_table
 from ensemble.results import load_run, write_results
 
 

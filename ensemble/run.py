@@ -16,64 +16,99 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from typing import Any
 
-import ray
-import ray.train
 from ray import tune
 
-from ensemble import launch, tracking
-from ensemble.config import Config, ConfigError, command_line_overrides, load_config
+from ensemble import launch, rundir, tracking
+from ensemble.config import Config, ConfigError
 from ensemble.data import DataError, EnsembleData, prepare
 from ensemble.hold import OutputDirHold
-from ensemble.outputs import (
-    CONFIG_FILE,
-    GROUP_FILE,
-    GROUPS_FILE,
-    HTML_REPORT_FILE,
-    MEMBERS_DIR,
-    REPORT_FILE,
-    SUBMISSION_FILE,
-    Storage,
-    kaggle_submit_line,
-    native_stderr_silenced,
-    summary_table,
-)
+from ensemble.launch import Driver, native_stderr_silenced
 from ensemble.plan import MemberSpec, plan_members
-from ensemble.progress import Progress
-from ensemble.resources import Nodes, check_fits, describe_groups, group_size, parallel_groups, split_evenly
-from ensemble.results import (
-    FinishedMember,
-    RunResults,
-    groups_compile_seconds,
-    load_member,
-    save_holdout,
-    write_results,
-)
-from ensemble.scoring import pseudo_labels, round_summary, score
-from ensemble.worker import run_group, write_storage_marker
+from ensemble.report import kaggle_submit_line, summary_table
+from ensemble.resources import MemberGroup, Nodes, check_fits, group_size, parallel_groups, plan_groups, split_evenly
+from ensemble.results import FinishedMember, RunResults, groups_compile_seconds, load_member, write_results
+from ensemble.rundir import HTML_REPORT_FILE, MEMBERS_DIR, REPORT_FILE, SUBMISSION_FILE
+from ensemble.scoring import Scores, pseudo_labels, round_summary, score
+from ensemble.storage import Storage
+from ensemble.worker import run_group
 
 # What a run stopped by its storage (a full disk, a lost mount) says after the storage's own error.
 WHAT_IS_KEPT = "members that finished are kept; run the same command again once it can be written, to resume"
 
 
+def main(argv: list[str] | None = None) -> int:
+    launch.setup_environment()
+    started = time.time()
+    args = parse_args(argv)
+    try:
+        config = launch.load_options(args)
+        config.tracking.mlflow = tracking.checked_uri(config.tracking.mlflow)
+        storage = Storage(config.output_dir)
+        check_output_dir(storage, config)
+        data = prepare(config.data)
+        storage.check_writable()
+        plan = plan_members(config.ensemble)
+        hold = None if args.dry_run else OutputDirHold(storage)  # before anything is written: one run at a time
+    except (ConfigError, DataError) as error:
+        return launch.refused(error)
+    print_plan(config, plan, data, count_parameters=args.dry_run, verbose=args.verbose)
+    if hold is None:
+        return 0
+    with hold:
+        try:
+            return train_and_write(config, storage, data, plan, args.verbose, started)
+        except Exception:
+            if (problem := storage.unwritable()) is None:
+                raise
+            print(f"error: {problem}; {WHAT_IS_KEPT}", file=sys.stderr)
+            return 1
+
+
+def train_and_write(
+    config: Config, storage: Storage, data: EnsembleData, plan: list[MemberSpec], verbose: bool, started: float
+) -> int:
+    """Start Ray, train each pseudo-labelling round's members, vote, write the results: the exit code."""
+    data_seconds = time.time() - started
+    try:
+        driver = launch.start(config, storage, verbose)
+        groups = planned_groups(storage, plan, config, driver.nodes)
+        run_tracking = tracking.start(config, storage)
+    except ConfigError as error:
+        return launch.refused(error)
+    print(groups_line(groups), flush=True)
+    rundir.save_config(storage, config.to_dict())
+    rundir.save_groups(storage, [group.members for group in groups])
+    rundir.save_holdout(storage, data.holdout_images, data.holdout_labels)
+    rounds: list[dict[str, Any]] = []
+    compiling = 0.0
+    for number in range(config.ensemble.pseudo_label.rounds + 1):
+        finished, failed, stopped = train_round(driver, run_tracking, groups, data, number)
+        if problem := stopped or why_not_voting(driver, finished, failed, len(plan)):
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+        compiling += groups_compile_seconds(finished)
+        logits = [member.logits for member in finished]
+        scores = score(logits, data.holdout_labels, config.ensemble.vote, config.ensemble.tta, config.data.folds)
+        rounds.append(round_summary(number, len(data.pseudo_labels), scores))
+        if number < config.ensemble.pseudo_label.rounds:
+            data, groups = next_round(driver, data, groups, scores, number)
+    # Not wall time: groups that train at once compile at once.
+    timings = {"data_seconds": round(data_seconds, 2), "groups_compile_seconds": round(compiling, 2)}
+    timings["total_seconds"] = round(time.time() - started, 2)
+    holdout = data.holdout_images, data.holdout_labels
+    run = RunResults(storage, config.to_dict(), finished, failed, *holdout, timings, rounds if number else [])
+    write_and_say(run, scores, len(data.test_images), run_tracking, started)
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ensemble.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
-    parser.add_argument(
-        "--data-dir",
-        help="Kaggle's data: a folder holding train.csv and test.csv, or digit-recognizer.zip; or that zip "
-        "(sets data.source=kaggle)",
-    )
-    parser.add_argument("--output-dir", help="where results go (default: runs/<config name>)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    launch.add_options(parser, default_output_dir="runs/<config name>")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit without training")
-    parser.add_argument(
-        "--verbose", action="store_true", help="show Ray's, Tune's and the workers' own output (kept in Ray's logs)"
-    )
     return parser.parse_args(argv)
 
 
@@ -113,7 +148,7 @@ def print_plan(
 def members_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a config that decides what the members learn and predict.
 
-    A rerun may change the rest (resources, the vote, how many members must finish) and still
+    A rerun may change the rest (resources, the vote, how many members must finish, tracking) and still
     resume the run; a change here would mix members of two different setups.
     """
     ensemble = {k: v for k, v in config["ensemble"].items() if k not in ("vote", "min_members")}
@@ -122,42 +157,46 @@ def members_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def check_output_dir(storage: Storage, config: Config) -> None:
     """A rerun may resume a run only if its members would be trained the same way."""
-    saved = storage.read_text(CONFIG_FILE)
-    if saved is not None and members_config(json.loads(saved)) != members_config(config.to_dict()):
+    saved = rundir.saved_config(storage)
+    if saved is not None and members_config(saved) != members_config(config.to_dict()):
         raise ConfigError(
-            f"{storage.location} holds a run with a different config ({CONFIG_FILE}); use another --output-dir "
-            "or the same data, model, train, augment and ensemble settings to resume it"
+            f"{storage.location} holds a run with a different config ({rundir.CONFIG_FILE}); use another "
+            "--output-dir or the same data, model, train, augment and ensemble settings to resume it"
         )
 
 
-def member_groups(storage: Storage, plan: list[MemberSpec], config: Config, nodes: Nodes) -> list[list[MemberSpec]]:
-    """Which members train together: as the run's first start grouped them (GROUPS_FILE), so that a rerun
-    resumes each member in the Train run that holds its checkpoints; else as resources.members_per_worker
-    says for this cluster."""
-    saved = storage.read_text(GROUPS_FILE)
-    if saved is not None:
-        return [[plan[index] for index in indices] for indices in json.loads(saved)]
-    return split_evenly(plan, group_size(config.resources, len(plan), nodes))
+def planned_groups(storage: Storage, plan: list[MemberSpec], config: Config, nodes: Nodes) -> list[MemberGroup]:
+    """Which members train together: as the run's first start grouped them, so that a rerun resumes each member
+    in the Train run that holds its checkpoints; else as resources.members_per_worker says for this cluster.
+    A ConfigError, at once, if no node can hold some group's worker."""
+    members = rundir.saved_groups(storage, plan) or split_evenly(plan, group_size(config.resources, len(plan), nodes))
+    groups = plan_groups(members, config.resources, nodes)
+    for group in groups:
+        size = len(group.members)
+        check_fits(group.resources, nodes, "a member" if size == 1 else f"a group of {size} members")
+    return groups
 
 
-def train_groups(
-    config: Config,
-    storage: Storage,
-    marker: str,
-    run_tracking: dict[str, str] | None,
-    groups: list[dict[str, Any]],
-    data: EnsembleData,
-    nodes: Nodes,
-    verbose: bool,
-    number: int = 0,
+def train_round(
+    driver: Driver, run_tracking: dict[str, str] | None, groups: list[MemberGroup], data: EnsembleData, number: int
 ) -> tuple[list[FinishedMember], list[dict[str, str]], str | None]:
-    """Run every group (of pseudo-labelling round `number`) through Ray: (finished members, failed members,
-    why the run stopped waiting, if it did). `run_tracking`: the MLflow run the groups log under, if any."""
-    finished: list[FinishedMember] = []
+    """Train the groups of pseudo-labelling round `number` that are not done yet: (finished members, failed
+    members, why the run stopped waiting for resources, if it did). `run_tracking`: the MLflow run, if any."""
+    finished, todo = done_groups(driver.storage, groups)
     failed: list[dict[str, str]] = []
+    stopped = None
+    if todo:
+        trained, failed, stopped = fit_groups(driver, run_tracking, todo, data, number)
+        finished += trained
+    return sorted(finished, key=lambda member: member.entry["index"]), failed, stopped
+
+
+def done_groups(storage: Storage, groups: list[MemberGroup]) -> tuple[list[FinishedMember], list[MemberGroup]]:
+    """The members of the groups done in an earlier start of the run, read back; and the groups left to train."""
+    finished: list[FinishedMember] = []
     todo = []
-    for group in groups:  # a group done in an earlier start of the run is read back, not launched again
-        folder = final_checkpoint(storage, group["name"])
+    for group in groups:
+        folder = rundir.final_checkpoint(storage, group.name)
         try:
             finished += load_group(storage, group, folder) if folder else []
         except ConfigError as error:  # a member's file damaged since: its worker predicts (or trains) it again
@@ -165,201 +204,102 @@ def train_groups(
             folder = None
         if folder is None:
             todo.append(group)
-    if not todo:
-        return finished, failed, None
-    progress = Progress(lambda run, member: member, config.train.max_epochs)
-    watch = launch.ResourceWatch(config.resources.wait_seconds, autoscaling=bool(nodes.addable), say=progress.say)
-    largest = max((group["resources"] for group in todo), key=lambda resources: (resources["GPU"], resources["CPU"]))
-    at_once = parallel_groups(config.resources, largest, nodes.total, len(todo))
-    try:
-        parameters = {
-            "config": config,
-            "storage": storage,
-            "marker": marker,
-            "tracking": run_tracking,
-            # The data goes into the object store once; groups read it from there. The reference is wrapped
-            # in a tuple because with_parameters would otherwise resolve it to the data itself in every trial.
-            "data_ref": (ray.put(data),),
-            "board": progress.board,
-        }
-        tuner = launch.tuner(
-            run_group,
-            parameters,
-            storage,
-            storage.path("ray"),
-            f"tune-round-{number}" if number else "tune",
-            callbacks=[progress],
-            stop=watch,
-            verbose=verbose,
-            tune_config=tune.TuneConfig(max_concurrent_trials=at_once),
-            param_space={"group": tune.grid_search(todo)},
-        )
-        results = tuner.fit()
-    finally:
-        progress.close()
+    return finished, todo
+
+
+def fit_groups(
+    driver: Driver, run_tracking: dict[str, str] | None, todo: list[MemberGroup], data: EnsembleData, number: int
+) -> tuple[list[FinishedMember], list[dict[str, str]], str | None]:
+    """Train `todo` through Ray, a Tune trial per group: (finished members, failed members, why it stopped)."""
+    config, storage = driver.config, driver.storage
+    largest = max((group.resources for group in todo), key=lambda resources: (resources["GPU"], resources["CPU"]))
+    by_name = {group.name: group for group in todo}
+    results, stopped = launch.fit_trials(
+        driver,
+        run_group,
+        {"groups": by_name, "config": config, "tracking": run_tracking},
+        data,
+        experiment=(storage.path("ray"), f"tune-round-{number}" if number else "tune"),
+        progress=(lambda run, member: member, config.train.max_epochs),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=parallel_groups(config.resources, largest, driver.nodes.total, len(todo))
+        ),
+        param_space={"group": tune.grid_search(list(by_name))},
+    )
+    finished: list[FinishedMember] = []
+    failed: list[dict[str, str]] = []
     for result in results:
-        group = result.config["group"]
-        folder = final_checkpoint(storage, group["name"]) if result.error is None else None
+        group = by_name[result.config["group"]]
+        folder = rundir.final_checkpoint(storage, group.name) if result.error is None else None
         if folder is None:
-            error = str(result.error or f"did not train: {watch.stopped or 'stopped'}").strip().splitlines()[-1]
-            failed += [{"name": MemberSpec(**member).name, "error": error} for member in group["members"]]
-            continue
-        finished += load_group(storage, group, folder)
-    return sorted(finished, key=lambda member: member.entry["index"]), failed, watch.stopped
+            error = str(result.error or f"did not train: {stopped or 'stopped'}").strip().splitlines()[-1]
+            failed += [{"name": spec.name, "error": error} for spec in group.members]
+        else:
+            finished += load_group(storage, group, folder)
+    return finished, failed, stopped
 
 
-def load_group(storage: Storage, group: dict[str, Any], folder: str) -> list[FinishedMember]:
+def load_group(storage: Storage, group: MemberGroup, folder: str) -> list[FinishedMember]:
     """A done group's members, from its final checkpoint's `folder`."""
-    specs = [MemberSpec(**member) for member in group["members"]]
-    return [load_member(storage, spec, f"{folder}/{spec.name}") for spec in specs]
+    return [load_member(storage, spec, f"{folder}/{spec.name}") for spec in group.members]
 
 
-def final_checkpoint(storage: Storage, group: str) -> str | None:
-    """The folder of a group's final checkpoint (relative to the run), or None if the group is not done."""
-    # The group's Train run, as stored: its latest checkpoint is the final one, with the logits.
-    try:
-        checkpoint = ray.train.Result.from_path(storage.path(MEMBERS_DIR, group), storage.filesystem).checkpoint
-    except RuntimeError:  # Ray has no result of a run that never started, or never reported
+def why_not_voting(
+    driver: Driver, finished: list[FinishedMember], failed: list[dict[str, str]], planned: int
+) -> str | None:
+    """Why the run cannot vote after a round, if it cannot: its storage fails, or too few members finished (each
+    failed member is said first)."""
+    if failed and (problem := driver.storage.unwritable()):  # the members failed for want of storage
+        return f"{problem}; {WHAT_IS_KEPT}"
+    for member in failed:
+        print(f"{member['name']} failed: {member['error']}", file=sys.stderr)
+    required = driver.config.ensemble.min_members or driver.config.ensemble.members
+    if len(finished) >= required:
         return None
-    if checkpoint is None:
-        return None
-    folder = storage.relative(checkpoint.path)
-    return folder if json.loads(storage.read_text(folder, GROUP_FILE))["done"] else None
+    return (
+        f"{len(finished)} of {planned} members finished, {required} needed to vote; finished members are kept "
+        f"under {driver.storage.location}/{MEMBERS_DIR}; rerun the same command to resume the others"
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
-    launch.setup_environment()
-    started = time.time()
-    args = parse_args(argv)
-    overrides = command_line_overrides(args.set, args.data_dir)
-    if args.output_dir:
-        overrides.append({"output_dir": args.output_dir})
-    try:
-        config = load_config(args.config, overrides)
-        config.tracking.mlflow = tracking.checked_uri(config.tracking.mlflow)
-        storage = Storage(config.output_dir)
-        check_output_dir(storage, config)
-        data = prepare(config.data)
-        storage.check_writable()
-    except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    plan = plan_members(config.ensemble)
-    try:  # before anything is written: one run at a time in an output dir
-        hold = None if args.dry_run else OutputDirHold(storage)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print_plan(config, plan, data, count_parameters=args.dry_run, verbose=args.verbose)
-    if hold is None:
-        return 0
-    with hold:
-        try:
-            return train_and_write(args, config, storage, data, plan, started)
-        except Exception:
-            if (problem := storage.unwritable()) is None:
-                raise
-            print(f"error: {problem}; {WHAT_IS_KEPT}", file=sys.stderr)
-            return 1
+def next_round(
+    driver: Driver, data: EnsembleData, groups: list[MemberGroup], scores: Scores, number: int
+) -> tuple[EnsembleData, list[MemberGroup]]:
+    """Round number + 1: the test images that round `number`'s ensemble is sure of join every member's training."""
+    ensemble = driver.config.ensemble
+    index, labels = pseudo_labels(scores, ensemble.vote, ensemble.pseudo_label.threshold)
+    print(
+        f"round {number + 1}: {len(index)} of {len(data.test_images)} test images, labelled by the ensemble of round "
+        f"{number} with a probability of at least {ensemble.pseudo_label.threshold:g}, join the members' training",
+        flush=True,
+    )
+    members = [[dataclasses.replace(spec, round=number + 1) for spec in group.members] for group in groups]
+    data = dataclasses.replace(data, pseudo_index=index, pseudo_labels=labels)
+    return data, plan_groups(members, driver.config.resources, driver.nodes)
 
 
-def train_and_write(
-    args: argparse.Namespace,
-    config: Config,
-    storage: Storage,
-    data: EnsembleData,
-    plan: list[MemberSpec],
-    started: float,
-) -> int:
-    """Start Ray, train every group (each pseudo-labelling round), vote, write the results: the exit code."""
-    launch.leave_working_dir()
-    data_seconds = time.time() - started
-    try:
-        launch.start_ray(args.verbose)
-        nodes = launch.cluster_nodes()
-        launch.check_sees_gpus(config.resources, nodes)
-        members = member_groups(storage, plan, config, nodes)
-        groups = describe_groups(members, config.resources, nodes)
-        for group in groups:
-            size = len(group["members"])
-            check_fits(group["resources"], nodes, "a member" if size == 1 else f"a group of {size} members")
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(groups_line(groups), flush=True)
-    try:
-        run_tracking = tracking.start(config, storage)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    storage.write_text(json.dumps(config.to_dict(), indent=2), CONFIG_FILE)
-    storage.write_text(json.dumps([[spec.index for spec in group] for group in members]), GROUPS_FILE)
-    marker = write_storage_marker(storage)
-    save_holdout(storage, data.holdout_images, data.holdout_labels)
-    method, pseudo = config.ensemble.vote, config.ensemble.pseudo_label
-    rounds: list[dict[str, Any]] = []
-    compiling = 0.0
-    for number in range(pseudo.rounds + 1):
-        finished, failed, stopped = train_groups(
-            config, storage, marker, run_tracking, groups, data, nodes, args.verbose, number
-        )
-        compiling += groups_compile_seconds(finished)
-        if stopped:
-            print(f"error: {stopped}", file=sys.stderr)
-            return 1
-        if failed and (problem := storage.unwritable()):  # the members failed for want of storage
-            print(f"error: {problem}; {WHAT_IS_KEPT}", file=sys.stderr)
-            return 1
-        required = config.ensemble.min_members or config.ensemble.members
-        for member in failed:
-            print(f"{member['name']} failed: {member['error']}", file=sys.stderr)
-        if len(finished) < required:
-            print(
-                f"error: {len(finished)} of {len(plan)} members finished, {required} needed to vote; finished "
-                f"members are kept under {storage.location}/{MEMBERS_DIR}; rerun the same command to resume the others",
-                file=sys.stderr,
-            )
-            return 1
-        logits = [member.logits for member in finished]
-        scores = score(logits, data.holdout_labels, method, config.ensemble.tta, config.data.folds)
-        rounds.append(round_summary(number, len(data.pseudo_labels), scores))
-        if number < pseudo.rounds:  # the test images this round's ensemble is sure of join every member's training
-            index, labels = pseudo_labels(scores, method, pseudo.threshold)
-            data = dataclasses.replace(data, pseudo_index=index, pseudo_labels=labels)
-            print(
-                f"round {number + 1}: {len(index)} of {len(data.test_images)} test images, labelled by the ensemble "
-                f"of round {number} with a probability of at least {pseudo.threshold:g}, join the members' training",
-                flush=True,
-            )
-            members = [[dataclasses.replace(spec, round=number + 1) for spec in group] for group in members]
-            groups = describe_groups(members, config.resources, nodes)
-
-    # Not wall time: groups that train at once compile at once.
-    timings = {"data_seconds": round(data_seconds, 2), "groups_compile_seconds": round(compiling, 2)}
-    timings["total_seconds"] = round(time.time() - started, 2)
-    run = RunResults(
-        storage, config.to_dict(), finished, failed, data.holdout_images, data.holdout_labels, timings,
-        rounds if pseudo.rounds else [],
-    )  # fmt: skip
-    report = write_results(run, method, scores)  # the last round's, scored once
+def write_and_say(
+    run: RunResults, scores: Scores, test_rows: int, run_tracking: dict[str, str] | None, started: float
+) -> None:
+    """Write the results from the last round's scores, then say what the run wrote and where."""
+    report = write_results(run, run.config["ensemble"]["vote"], scores)
     print(summary_table(report))
     print(
-        f"wrote {SUBMISSION_FILE}, {REPORT_FILE} and {HTML_REPORT_FILE} to {storage.location} "
+        f"wrote {SUBMISSION_FILE}, {REPORT_FILE} and {HTML_REPORT_FILE} to {run.storage.location} "
         f"in {time.time() - started:.0f}s"
     )
-    if submit := kaggle_submit_line(storage, report, len(data.test_images)):
+    if submit := kaggle_submit_line(run.storage, report, test_rows):
         print(submit)
     if run_tracking:
-        print(tracking.finish(run_tracking, storage, report))
-    return 0
+        print(tracking.finish(run_tracking, run.storage, report))
 
 
-def groups_line(groups: list[dict[str, Any]]) -> str:
+def groups_line(groups: list[MemberGroup]) -> str:
     """One line: how the members are grouped, and what each group's worker holds."""
-    sizes = sorted({len(group["members"]) for group in groups})
+    sizes = sorted({len(group.members) for group in groups})
     each = " each" if len(groups) > 1 else ""
     members = "/".join(str(size) for size in sizes) + (" member" if sizes == [1] else " members")
-    shapes = sorted({(group["resources"]["CPU"], group["resources"]["GPU"]) for group in groups})
+    shapes = sorted({(group.resources["CPU"], group.resources["GPU"]) for group in groups})
     holds = " or ".join(f"{cpu:g} CPU and {gpu:g} GPU" for cpu, gpu in shapes)
     return f"members train in {len(groups)} worker{'s' if len(groups) > 1 else ''} of {members}{each}, on {holds}{each}"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.config import Config, ConfigError
-from ensemble.outputs import HTML_REPORT_FILE, REPORT_FILE, SUBMISSION_FILE, Storage
+from ensemble.rundir import HTML_REPORT_FILE, REPORT_FILE, SUBMISSION_FILE, TRACKING_FILE
+from ensemble.storage import Storage
 
-TRACKING_FILE = "mlflow.json"  # the MLflow run this output dir logs into: {"uri", "experiment_id", "run_id"}
 # What MLflow's client needs for a local sqlite: store, besides itself (all a server's address needs).
 SQLITE_NEEDS = ("sqlalchemy", "alembic")
 

@@ -31,7 +31,7 @@ import numpy as np
 from ensemble.augment import RandomAffine
 from ensemble.config import Config
 from ensemble.data import NUM_CLASSES, EnsembleData, member_splits
-from ensemble.fused import FusedGroup, fused_group
+from ensemble.fused import FusedSteps, fused_steps
 from ensemble.model import build_model, compile_model
 from ensemble.plan import MemberSpec
 
@@ -155,7 +155,7 @@ EpochHook = Callable[[list[Member]], None]
 ProgressHook = Callable[[list[Member], int, int, int, np.ndarray, float], None]
 
 
-class Group:
+class GroupTrainer:
     """Members that train together, on one device, over the images of one EnsembleData."""
 
     def __init__(self, members: Sequence[Member], config: Config, data: EnsembleData):
@@ -171,7 +171,7 @@ class Group:
         self.test_offset = self.holdout_offset + len(data.holdout_images)
         self.holdout_count, self.test_count = len(data.holdout_images), len(data.test_images)
         self.pool_labels = data.pool_labels
-        self.fused: FusedGroup = fused_group([member.model for member in self.members], images, labels)
+        self.fused: FusedSteps = fused_steps([member.model for member in self.members], images, labels)
 
     def train(self, on_epoch: EpochHook, on_progress: ProgressHook | None = None) -> None:
         """Train until every member has stopped or reached train.max_epochs; each then holds its best weights.
@@ -274,7 +274,7 @@ class Group:
         return predict_views(self.fused, offset + np.arange(count), views)
 
 
-def chunked_logits(fused: FusedGroup, positions: tuple[int, ...], indices: np.ndarray, shift: tuple = (0, 0)) -> Any:
+def chunked_logits(fused: FusedSteps, positions: tuple[int, ...], indices: np.ndarray, shift: tuple = (0, 0)) -> Any:
     """Logits (members, n, classes) for image indices (members, n), EVAL_BATCH_SIZE images per member at a time.
 
     A set larger than one chunk has its last chunk padded to a whole one (its last image repeated, those
@@ -292,14 +292,14 @@ def chunked_logits(fused: FusedGroup, positions: tuple[int, ...], indices: np.nd
     return np.concatenate(chunks, axis=1)[:, :count]
 
 
-def predict_views(fused: FusedGroup, indices: np.ndarray, views: int = 1) -> np.ndarray:
+def predict_views(fused: FusedSteps, indices: np.ndarray, views: int = 1) -> np.ndarray:
     """Every model's float32 logits (models, n, classes) on the same images (indices, n); with views > 1, the
     mean over that many one-pixel-shifted copies of each image (test-time augmentation)."""
     positions = tuple(range(len(fused.models)))
     return views_logits(fused, positions, np.tile(indices, (len(positions), 1)), views)
 
 
-def views_logits(fused: FusedGroup, positions: tuple[int, ...], indices: np.ndarray, views: int) -> np.ndarray:
+def views_logits(fused: FusedSteps, positions: tuple[int, ...], indices: np.ndarray, views: int) -> np.ndarray:
     """Logits (members, n, classes) for image indices (members, n): with views > 1, the mean over that many
     one-pixel-shifted copies of each image (test-time augmentation)."""
     return np.mean([chunked_logits(fused, positions, indices, shift) for shift in TTA_SHIFTS[:views]], axis=0)
@@ -307,5 +307,5 @@ def views_logits(fused: FusedGroup, positions: tuple[int, ...], indices: np.ndar
 
 def predict_logits(models: Sequence[keras.Model], images: np.ndarray, views: int = 1) -> np.ndarray:
     """(models, n, classes) float32 logits of saved members on new images (ensemble.predict)."""
-    fused = fused_group(models, images, np.zeros(len(images), np.int32))
+    fused = fused_steps(models, images, np.zeros(len(images), np.int32))
     return predict_views(fused, np.arange(len(images)), views)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -44,15 +43,14 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from ensemble import launch
-from ensemble.config import Config, ConfigError, command_line_overrides, load_config
+from ensemble.config import Config, ConfigError, load_config
 from ensemble.data import DataError, EnsembleData, member_splits, prepare
 from ensemble.hold import OutputDirHold
-from ensemble.outputs import Storage
 from ensemble.plan import plan_members
-from ensemble.progress import Progress
 from ensemble.resources import check_fits, member_resources, parallel_groups
+from ensemble.storage import Storage
 from ensemble.vote import wilson_interval
-from ensemble.worker import group_trainer, write_storage_marker
+from ensemble.worker import group_trainer
 
 METRIC = "val_accuracy"
 # Validation images that tell recipes apart by about 0.2 points at 99% (a 95% interval of ±0.23 points): one of 5
@@ -75,14 +73,10 @@ SAMPLERS = {"choice": tune.choice, "uniform": tune.uniform, "loguniform": tune.l
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ensemble.tune", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="the config to search around (see configs/); its other keys stay")
-    parser.add_argument("--data-dir", help="directory holding Kaggle's train.csv and test.csv")
-    parser.add_argument("--output-dir", help="where the search goes (default: runs/tune-<config name>)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    launch.add_options(parser, default_output_dir="runs/tune-<config name>")
     parser.add_argument("--space", help="YAML search space (default: DEFAULT_SPACE in ensemble/tune.py)")
     parser.add_argument("--samples", type=int, default=24, help="trials to run (default: 24)")
     parser.add_argument("--time-budget", type=float, help="seconds after which no new trial starts")
-    parser.add_argument("--verbose", action="store_true", help="show Ray's, Tune's and the workers' own output")
     return parser.parse_args(argv)
 
 
@@ -136,14 +130,20 @@ def recipe(base: dict[str, Any], params: dict[str, Any]) -> Config:
 
 
 def run_trial(
-    params: dict[str, Any], base: dict[str, Any], storage: Storage, marker: str, data_ref: tuple, resources: dict
+    params: dict[str, Any],
+    base: dict[str, Any],
+    resources: dict[str, float],
+    storage: Storage,
+    marker: str,
+    data_ref: tuple,
+    board: Any,
 ) -> None:
     """Ray Tune trial: train member 0 with this trial's recipe, as ensemble.run trains members (a group of one)."""
     config = recipe(base, params)
     spec = dataclasses.replace(plan_members(config.ensemble)[0], strength=1.0)
     name = f"trial-{tune.get_context().get_trial_id()}"
     trainer = group_trainer(
-        config, [spec], name, storage, marker, data_ref[0], resources, directory=TRIALS_DIR, predict_test=False
+        config, [spec], name, storage, marker, data_ref[0], resources, TRIALS_DIR, predict_test=False, progress=board
     )
     trainer.fit()
 
@@ -247,11 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # best.yaml is written from the config file's own keys, read after the working dir is left.
     config_file = Path(args.config).resolve() if args.config else None
-    overrides = command_line_overrides(args.set, args.data_dir)
     name = config_file.stem if config_file else "default"
-    overrides.append({"output_dir": args.output_dir or f"runs/tune-{name}"})
     try:
-        config = load_config(args.config, overrides)
+        config = launch.load_options(args, output_dir=f"runs/tune-{name}")
         space = load_space(args.space)
         if config.data.val_fraction == 0 and not config.data.folds:
             raise ConfigError(
@@ -264,14 +262,23 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable()
         hold = OutputDirHold(storage)  # one run or search at a time in an output dir
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return launch.refused(error)
     print(f"search: {args.samples} trials of member 0 of {name}, into {storage.location}; space: {', '.join(space)}")
     print(scored_on(validation_images))
     if not args.verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     with hold:
-        return search(args, config, storage, data, space, config_file, started, validation_images)
+        try:
+            driver = launch.start(config, storage, args.verbose)
+            resources = member_resources(config.resources, driver.nodes.total)
+            check_fits(resources, driver.nodes, "a trial's member")
+        except ConfigError as error:
+            return launch.refused(error)
+        results, stopped = search(driver, data, space, resources, args.samples, args.time_budget)
+        if stopped:
+            print(f"error: {stopped}", file=sys.stderr)
+            return 1
+        return write_search(driver, results, space, config_file, validation_images, started)
 
 
 def scored_on(images: int) -> str:
@@ -287,76 +294,49 @@ def scored_on(images: int) -> str:
 
 
 def search(
-    args: argparse.Namespace,
-    config: Config,
-    storage: Storage,
+    driver: launch.Driver,
     data: EnsembleData,
     space: dict[str, Any],
-    config_file: Path | None,
-    started: float,
-    validation_images: int,
-) -> int:
-    """Start Ray, run the search, write best.yaml, results.csv and search.png: the exit code."""
-    launch.leave_working_dir()
-    try:
-        launch.start_ray(args.verbose)
-        nodes = launch.cluster_nodes()
-        launch.check_sees_gpus(config.resources, nodes)
-        resources = member_resources(config.resources, nodes.total)
-        check_fits(resources, nodes, "a trial's member")
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    marker = write_storage_marker(storage)
+    resources: dict[str, float],
+    samples: int,
+    time_budget: float | None,
+) -> tuple[tune.ResultGrid, str | None]:
+    """Run the search's trials, or resume the search found in the output dir: (results, why it stopped, if so)."""
+    config = driver.config
     epochs = max([config.train.max_epochs, *space.get("train.max_epochs", {}).get("choice", [])])
-    progress = Progress(lambda run, member: run, epochs)
-    watch = launch.ResourceWatch(config.resources.wait_seconds, autoscaling=bool(nodes.addable), say=progress.say)
-    parameters = {
-        "base": config.to_dict(),
-        "storage": storage,
-        "marker": marker,
-        "data_ref": (ray.put(data),),
-        "resources": resources,
-    }
-    experiment = storage.path("search")
-    try:
-        if tune.Tuner.can_restore(experiment, storage_filesystem=storage.filesystem):
-            progress.say("resuming the search found in the output dir")
-            tuner = tune.Tuner.restore(
-                experiment,
-                launch.trial_trainable(run_trial, **parameters),
-                resume_errored=True,
-                storage_filesystem=storage.filesystem,
-            )
-        else:
-            tuner = launch.tuner(
-                run_trial,
-                parameters,
-                storage,
-                storage.root,
-                "search",
-                callbacks=[progress],
-                stop=watch,
-                verbose=args.verbose,
-                tune_config=tune.TuneConfig(
-                    metric=METRIC,
-                    mode="max",
-                    search_alg=ConcurrencyLimiter(
-                        OptunaSearch(seed=config.ensemble.seed),
-                        parallel_groups(config.resources, resources, nodes.total, args.samples),
-                    ),
-                    scheduler=scheduler(space, epochs),
-                    num_samples=args.samples,
-                    time_budget_s=args.time_budget,
-                ),
-                param_space={key: sampled(sampler) for key, sampler in space.items()},
-            )
-        results = tuner.fit()
-    finally:
-        progress.close()
-    if watch.stopped:
-        print(f"error: {watch.stopped}", file=sys.stderr)
-        return 1
+    return launch.fit_trials(
+        driver,
+        run_trial,
+        {"base": config.to_dict(), "resources": resources},
+        data,
+        experiment=(driver.storage.root, "search"),
+        progress=(lambda run, member: run, epochs),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=ConcurrencyLimiter(
+                OptunaSearch(seed=config.ensemble.seed),
+                parallel_groups(config.resources, resources, driver.nodes.total, samples),
+            ),
+            scheduler=scheduler(space, epochs),
+            num_samples=samples,
+            time_budget_s=time_budget,
+        ),
+        param_space={key: sampled(sampler) for key, sampler in space.items()},
+        resume=True,
+    )
+
+
+def write_search(
+    driver: launch.Driver,
+    results: tune.ResultGrid,
+    space: dict[str, Any],
+    config_file: Path | None,
+    validation_images: int,
+    started: float,
+) -> int:
+    """Write best.yaml, results.csv and search.png, and show the best trials: the exit code."""
+    config, storage = driver.config, driver.storage
     rows = results_table(results, space, config.train.max_epochs, validation_images)
     if not rows or rows[0][METRIC] is None:
         print("error: no trial reported a validation accuracy; see Ray's logs", file=sys.stderr)

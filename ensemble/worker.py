@@ -19,10 +19,8 @@ never trains, and Keras must first be imported in the worker, under the worker's
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +32,13 @@ import ray.train
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from ensemble import rundir
 from ensemble.config import Config, ConfigError, TrainConfig
 from ensemble.data import EnsembleData
-from ensemble.outputs import (
-    BEST_WEIGHTS_FILE,
-    GROUP_FILE,
-    LOGITS_FILE,
-    MEMBERS_DIR,
-    MODEL_FILE,
-    STATE_FILE,
-    STORAGE_MARKER_FILE,
-    TENSORBOARD_DIR,
-    Storage,
-    read_arrays,
-    read_json,
-    read_member_file,
-)
 from ensemble.plan import MemberSpec
+from ensemble.resources import MemberGroup
+from ensemble.rundir import MEMBERS_DIR, STORAGE_MARKER_FILE, TENSORBOARD_DIR, Predictions, WhereTrained
+from ensemble.storage import Storage
 from ensemble.tracking import group_run, log_epoch
 
 # JAX takes 75% of a GPU's memory up front by default; a group given a share of a GPU takes that share of it.
@@ -72,7 +60,8 @@ def worker_env(train: TrainConfig, gpus: float) -> dict[str, str]:
 
 
 def run_group(
-    trial: dict[str, Any],
+    trial: dict[str, str],
+    groups: dict[str, MemberGroup],
     config: Config,
     storage: Storage,
     marker: str,
@@ -80,18 +69,17 @@ def run_group(
     data_ref: tuple,
     board: Any,
 ) -> None:
-    """Ray Tune trial: fit one group as a Ray Train run (its reports reach Tune through TuneReportCallback).
-    Here, not in ensemble.run, so that the trial's process imports only this module, not the driver's."""
-    group = trial["group"]
-    specs = [MemberSpec(**member) for member in group["members"]]
+    """Ray Tune trial: fit the group the trial names as a Ray Train run (its reports reach Tune through
+    TuneReportCallback). Here, not in ensemble.run, so that the trial's process imports only this module."""
+    group = groups[trial["group"]]
     trainer = group_trainer(
         config,
-        specs,
-        group["name"],
+        group.members,
+        group.name,
         storage,
         marker,
         data_ref[0],
-        group["resources"],
+        group.resources,
         progress=board,
         tracking=tracking,
     )
@@ -158,19 +146,12 @@ def group_trainer(
     )
 
 
-def write_storage_marker(storage: Storage) -> str:
-    """Write a new token for this start of a run to its STORAGE_MARKER_FILE, for the workers to read back."""
-    marker = uuid.uuid4().hex
-    storage.write_text(marker, STORAGE_MARKER_FILE)
-    return marker
-
-
 def check_sees_output(storage: Storage, marker: str, who: str) -> None:
     """Stop at once, with one line, if this node does not see the run's output location as the driver does.
 
     Checkpoints written to a node-local path the driver cannot read would be lost to the run.
     """
-    if storage.read_text(STORAGE_MARKER_FILE) != marker:
+    if rundir.read_marker(storage) != marker:
         node = ray.get_runtime_context().get_node_id()[:8]
         raise RuntimeError(
             f"{who}'s worker on node {node} does not see the run's output dir {storage.location} (its marker "
@@ -179,15 +160,17 @@ def check_sees_output(storage: Storage, marker: str, who: str) -> None:
         )
 
 
-class ScalarLogs:
-    """Each member's epoch metrics as TensorBoard scalars, one event file per member per worker (tensorboardX:
-    no TensorFlow needed). Written with local file APIs: local (or shared) disks only."""
+class EpochLogs:
+    """Each member's epoch metrics as TensorBoard scalars (one event file per member per worker, with tensorboardX:
+    no TensorFlow needed; local or shared disks only) and in the group's MLflow child run, if the run is tracked."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, tracking: dict[str, str] | None, group: str):
         self.directory = storage.path(TENSORBOARD_DIR) if storage.is_local else None
         self.writers: dict[str, Any] = {}
+        self.mlflow = group_run(tracking, group)
 
     def write(self, name: str, epoch: dict[str, float]) -> None:
+        log_epoch(self.mlflow, name, epoch)
         if self.directory is None:
             return
         from tensorboardX import SummaryWriter
@@ -201,36 +184,57 @@ class ScalarLogs:
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
 
 
-def _savez(arrays: dict[str, np.ndarray]) -> Any:
-    return lambda path: np.savez(path, **arrays)
+def checkpoint_files(member: Any, final: tuple[WhereTrained, Predictions] | None = None) -> rundir.MemberFiles:
+    """What a checkpoint holds of a member; `final`: where it trained and its predictions, once it is done."""
+    state = dataclasses.asdict(member.state) | (dataclasses.asdict(final[0]) if final else {})
+    return rundir.member_files(member.model.save, state, member.best_weights, final and final[1])
 
 
-def write_folders(root: Path, folders: dict[str, dict[str, Any]]) -> None:
-    """Write {folder: {file name: bytes, or a callable taking a path}} under `root` (the folder "" is `root`)."""
-    for folder, files in folders.items():
-        (root / folder).mkdir(exist_ok=True)
-        for name, contents in files.items():
-            contents(root / folder / name) if callable(contents) else (root / folder / name).write_bytes(contents)
+class GroupCheckpoints:
+    """A group's checkpoints, reported to Ray Train (and through it to the driver's progress lines).
 
+    One is written after an epoch once the training since the last one took TRAINING_PER_CHECKPOINT times as
+    long as writing that one did; it carries the members' epoch lines since the last one.
+    """
 
-def report_checkpoint(metrics: dict[str, Any], folders: dict[str, dict[str, Any]]) -> None:
-    """Report `metrics` with a checkpoint holding `folders` (see write_folders)."""
-    with tempfile.TemporaryDirectory() as root:
-        write_folders(Path(root), folders)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(root))
+    def __init__(self, name: str, members: list[Any], logs: EpochLogs):
+        self.name, self.members, self.logs = name, members, logs
+        self.unreported: dict[str, list[dict[str, float]]] = {member.spec.name: [] for member in members}
+        self.trained_seconds = 0.0  # since the last checkpoint
+        self.writing_seconds = 0.0  # what writing the last checkpoint took
 
+    def on_epoch(self, trained: list[Any]) -> None:
+        for member in trained:
+            self.unreported[member.spec.name].append(member.state.history[-1])
+            self.logs.write(member.spec.name, member.state.history[-1])
+        self.trained_seconds += trained[0].state.history[-1]["seconds"]
+        if self.trained_seconds >= TRAINING_PER_CHECKPOINT * self.writing_seconds:
+            self.report()
 
-def member_files(member: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a checkpoint holds of a member: its model (with optimizer), its state, its best weights if any."""
-    files = {
-        MODEL_FILE: member.model.save,
-        STATE_FILE: json.dumps(dataclasses.asdict(member.state) | (extra or {})).encode(),
-    }
-    if member.best_weights is not None:
-        files[BEST_WEIGHTS_FILE] = _savez({f"arr_{i}": w for i, w in enumerate(member.best_weights)})
-    return files
+    def report(self, final: list[tuple[WhereTrained, Predictions]] | None = None) -> None:
+        """A checkpoint of every member; `final` (one per member) makes it the group's last: the group is done."""
+        started = time.perf_counter()
+        files = {
+            member.spec.name: checkpoint_files(member, final and final[position])
+            for position, member in enumerate(self.members)
+        }
+        metrics = {
+            "run": self.name,
+            "members": [member.spec.name for member in self.members],
+            "epochs": {name: list(lines) for name, lines in self.unreported.items() if lines},
+            "done": final is not None,
+        }
+        with tempfile.TemporaryDirectory() as root:
+            rundir.write_checkpoint(Path(root), final is not None, files)
+            checkpoint = ray.train.Checkpoint.from_directory(root)
+            ray.train.report(metrics | latest(self.members), checkpoint=checkpoint)
+        for lines in self.unreported.values():
+            lines.clear()
+        self.trained_seconds, self.writing_seconds = 0.0, time.perf_counter() - started
 
 
 def restore_members(
@@ -250,36 +254,94 @@ def restore_members(
     return members, restarted
 
 
+def restore_member(config: Config, spec: MemberSpec, data: EnsembleData, directory: Path, folder: str) -> Any:
+    """One member from its folder of a checkpoint; a ConfigError naming the file that cannot be read."""
+    from ensemble.train import TrainingState, restored_member
+
+    saved = rundir.read_state(spec.name, folder, directory)
+    state = TrainingState(**{field.name: saved[field.name] for field in dataclasses.fields(TrainingState)})
+    best = rundir.read_best_weights(spec.name, folder, directory)
+    model = rundir.read_model(spec.name, folder, directory)
+    return restored_member(config, spec, data, model, state, best)
+
+
 def results_readable(specs: list[MemberSpec], directory: Path, folder: str) -> bool:
-    """Whether every member's logits in a done group's final checkpoint can be read: if one cannot (damaged
+    """Whether every member's predictions in a done group's final checkpoint can be read: if one cannot (damaged
     since), the group is restored from that checkpoint and predicts again (a damaged model trains again)."""
     try:
         for spec in specs:
-            read_member_file(spec.name, f"{folder}/{spec.name}", LOGITS_FILE, read_arrays, directory / spec.name)
+            rundir.read_predictions(spec.name, f"{folder}/{spec.name}", directory / spec.name)
     except ConfigError:
         return False
     return True
 
 
-def restore_member(config: Config, spec: MemberSpec, data: EnsembleData, directory: Path, folder: str) -> Any:
-    """One member from its folder of a checkpoint; a ConfigError naming the file that cannot be read."""
-    import keras
+def start_members(config: Config, specs: list[MemberSpec], data: EnsembleData, storage: Storage, name: str) -> Any:
+    """The group's members, restored from the run's latest checkpoint or new; None when that checkpoint is the
+    group's final one (it stays the group's result)."""
+    from ensemble.train import new_member
 
-    from ensemble.train import TrainingState, restored_member
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return [new_member(config, spec, data) for spec in specs]
+    with checkpoint.as_directory() as local:
+        directory, folder = Path(local), storage.relative(checkpoint.path)
+        if rundir.checkpoint_done(directory) and results_readable(specs, directory, folder):
+            return None
+        members, restarted = restore_members(config, specs, data, directory, folder)
+    # The driver says so, member by member.
+    resumed = {member.spec.name: member.state.epochs for member in members}
+    ray.train.report({"run": name, "resumed": resumed, "restarted": restarted} | latest(members))
+    return members
 
-    saved = read_member_file(spec.name, folder, STATE_FILE, read_json, directory)
-    state = TrainingState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainingState)})
-    best = None
-    if (directory / BEST_WEIGHTS_FILE).is_file():
-        arrays = read_member_file(spec.name, folder, BEST_WEIGHTS_FILE, read_arrays, directory)
-        best = [arrays[f"arr_{i}"] for i in range(len(arrays))]
-    model = read_member_file(spec.name, folder, MODEL_FILE, keras.models.load_model, directory)
-    return restored_member(config, spec, data, model, state, best)
+
+def progress_poster(board: Any, name: str, batch_size: int) -> Any:
+    """The trainer's progress hook: posts each member's running loss and accuracy to the driver's board (about
+    once a second), without waiting for the driver. None without a board."""
+    if board is None:
+        return None
+
+    def post(training: list[Any], epoch: int, step: int, steps: int, totals: np.ndarray, seconds: float) -> None:
+        images = step * min(batch_size, len(training[0].train_index))
+        rows = {}
+        for member, (loss, correct) in zip(training, totals, strict=True):
+            rows[f"{name}/{member.spec.name}"] = {
+                **{"run": name, "member": member.spec.name, "epoch": epoch, "step": step, "steps": steps},
+                **{"loss": loss / images, "accuracy": correct / images, "seconds": seconds},
+                "images_per_second": images / seconds,
+            }
+        board.post.remote(rows)
+
+    return post
+
+
+def final_predictions(trainer: Any, config: Config, data: EnsembleData, predict_test: bool) -> list[Predictions]:
+    """Each member's Predictions, from its best epoch's weights."""
+    parts = ["holdout", "test"] if predict_test else ["holdout"]
+    logits: dict[str, Any] = {part: trainer.predict(part) for part in parts}
+    if config.ensemble.tta > 1:
+        logits |= {f"{part}_tta": trainer.predict(part, config.ensemble.tta) for part in parts}
+    members = trainer.members
+    if len(members[0].val_index):  # each member's predictions on its own validation images (out of fold)
+        logits["validation"] = trainer.predict_validation()
+        if config.ensemble.tta > 1:
+            logits["validation_tta"] = trainer.predict_validation(config.ensemble.tta)
+        logits["validation_index"] = [member.val_index for member in members]  # into the pool
+        logits["validation_labels"] = [data.pool_labels[member.val_index] for member in members]
+    return [Predictions(**{key: values[i] for key, values in logits.items()}) for i in range(len(members))]
+
+
+def where_trained(name: str, trainer: Any, started_at: float) -> WhereTrained:
+    context = ray.get_runtime_context()
+    gpus = context.get_accelerator_ids().get("GPU", [])
+    return WhereTrained(
+        name, round(trainer.fused.compile_seconds, 2), context.get_node_id(), gpus, started_at, time.time()
+    )
 
 
 def train_group(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop: fit a group's members (resuming from a checkpoint if there is one), then save
-    their logits."""
+    their predictions."""
     started_at = time.time()
     storage: Storage = loop_config["storage"]
     name: str = loop_config["name"]
@@ -288,108 +350,25 @@ def train_group(loop_config: dict[str, Any]) -> None:
     check_sees_output(storage, loop_config["marker"], who)
     import keras  # first imported here, under this worker's KERAS_BACKEND
 
-    from ensemble.train import Group, configure_backend, new_member
+    from ensemble.train import GroupTrainer, configure_backend
 
     config: Config = loop_config["config"]
     configure_backend(loop_config["cpus"])
     # Before any model is built or loaded: layers take their compute dtype from the global policy.
     keras.mixed_precision.set_global_policy(config.train.precision)
     data: EnsembleData = ray.get(loop_config["data_ref"])
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            folder = storage.relative(checkpoint.path)
-            if json.loads((Path(directory) / GROUP_FILE).read_text())["done"] and results_readable(
-                specs, Path(directory), folder
-            ):
-                return  # finished in an earlier run: its final checkpoint stays the result
-            members, restarted = restore_members(config, specs, data, Path(directory), folder)
-        # The driver says so, member by member.
-        resumed = {member.spec.name: member.state.epochs for member in members}
-        ray.train.report({"run": name, "resumed": resumed, "restarted": restarted} | latest(members))
-    else:
-        members = [new_member(config, spec, data) for spec in specs]
-
-    group = Group(members, config, data)
-    logs = ScalarLogs(storage)
-    mlflow = group_run(loop_config["tracking"], name)
-    unreported: dict[str, list[dict[str, float]]] = {spec.name: [] for spec in specs}
-    pace = {"trained": 0.0, "writing": 0.0}  # seconds trained since the last checkpoint, and its writing time
-
-    def report(final: dict[str, dict[str, Any]] | None = None) -> None:
-        """A checkpoint of every member; `final` adds each member's logits and where it trained: the group is done."""
-        started = time.perf_counter()
-        folders = {"": {GROUP_FILE: json.dumps({"done": final is not None}).encode()}}
-        for member in members:
-            folder = folders[member.spec.name] = member_files(member, final and final[member.spec.name]["state"])
-            if final:
-                folder[LOGITS_FILE] = _savez(final[member.spec.name]["logits"])
-        metrics = {
-            "run": name,
-            "members": [spec.name for spec in specs],
-            "epochs": {member: list(lines) for member, lines in unreported.items() if lines},
-            "done": final is not None,
-        }
-        report_checkpoint(metrics | latest(members), folders)
-        for lines in unreported.values():
-            lines.clear()
-        pace.update(trained=0.0, writing=time.perf_counter() - started)
-
-    def on_epoch(trained: list[Any]) -> None:
-        for member in trained:
-            unreported[member.spec.name].append(member.state.history[-1])
-            logs.write(member.spec.name, member.state.history[-1])
-            log_epoch(mlflow, member.spec.name, member.state.history[-1])
-        pace["trained"] += trained[0].state.history[-1]["seconds"]
-        if pace["trained"] >= TRAINING_PER_CHECKPOINT * pace["writing"]:
-            report()
-
-    board = loop_config["progress"]
-
-    def on_progress(training: list[Any], epoch: int, step: int, steps: int, totals: np.ndarray, seconds: float) -> None:
-        images = step * min(config.train.batch_size, len(training[0].train_index))
-        rows = {}
-        for member, (loss, correct) in zip(training, totals, strict=True):
-            rows[f"{name}/{member.spec.name}"] = {
-                **{"run": name, "member": member.spec.name, "epoch": epoch, "step": step, "steps": steps},
-                **{"loss": loss / images, "accuracy": correct / images, "seconds": seconds},
-                "images_per_second": images / seconds,
-            }
-        board.post.remote(rows)  # fire and forget: training does not wait for the driver
-
-    group.train(on_epoch, on_progress if board is not None else None)
+    members = start_members(config, specs, data, storage, name)
+    if members is None:
+        return  # finished in an earlier run: its final checkpoint stays the result
+    trainer = GroupTrainer(members, config, data)
+    logs = EpochLogs(storage, loop_config["tracking"], name)
+    checkpoints = GroupCheckpoints(name, members, logs)
+    trainer.train(checkpoints.on_epoch, progress_poster(loop_config["progress"], name, config.train.batch_size))
     logs.close()
-    if mlflow is not None:
-        mlflow.end_run()
     # Every member now holds its best epoch's weights.
-    parts = ["holdout", "test"] if loop_config["predict_test"] else ["holdout"]
-    logits = {part: group.predict(part) for part in parts}
-    if config.ensemble.tta > 1:
-        logits |= {f"{part}_tta": group.predict(part, config.ensemble.tta) for part in parts}
-    if len(members[0].val_index):  # each member's predictions on its own validation images (out of fold)
-        logits["validation"] = group.predict_validation()
-        if config.ensemble.tta > 1:
-            logits["validation_tta"] = group.predict_validation(config.ensemble.tta)
-        logits["validation_index"] = [member.val_index for member in members]  # into the pool
-        logits["validation_labels"] = [data.pool_labels[member.val_index] for member in members]
-    context = ray.get_runtime_context()
-    where = {
-        "group": name,
-        # Seconds the group's first calls of its compiled programs took (tracing and compiling), all members'.
-        "compile_seconds": round(group.fused.compile_seconds, 2),
-        "node_id": context.get_node_id(),
-        "gpus": context.get_accelerator_ids().get("GPU", []),  # Ray's ids of this worker's GPUs
-        # This worker's training, as wall-clock times: which groups ran at once.
-        "started_at": started_at,
-        "finished_at": time.time(),
-    }
-    report(
-        {
-            member.spec.name: {"state": where, "logits": {part: values[i] for part, values in logits.items()}}
-            for i, member in enumerate(members)
-        }
-    )
+    predictions = final_predictions(trainer, config, data, loop_config["predict_test"])
+    where = where_trained(name, trainer, started_at)
+    checkpoints.report([(where, member_predictions) for member_predictions in predictions])
 
 
 def latest(members: list[Any]) -> dict[str, Any]:

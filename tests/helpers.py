@@ -9,13 +9,16 @@ import io
 import os
 import pty
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +27,43 @@ from ensemble.plan import plan_members
 
 from .conftest import REPO
 
-ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
 # rich's cursor moves and colours, stripped to read what a terminal shows.
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 # Ray titles a Ray Train worker's process after its actor class.
 TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 
 
+def own_environment(base: Path) -> dict[str, str]:
+    """The environment of a process that starts Ray, its own under `base`: the tests' environment without any RAY_*
+    variable of the shell that runs them (a cluster address, auth settings), a HOME of its own (Ray's token,
+    Keras' and matplotlib's files), and a RAY_TMPDIR of its own. `base` must be short: Ray's socket paths have a
+    length limit."""
+    (base / "home").mkdir(exist_ok=True)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    return env | {"HOME": str(base / "home"), "RAY_TMPDIR": str(base), "PYTHONUNBUFFERED": "1"}
+
+
+@contextlib.contextmanager
+def own_ray_environment() -> Iterator[dict[str, str]]:
+    """own_environment in a fresh short folder under /tmp, removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    try:
+        yield own_environment(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 class EnsembleProcess:
     """`python -m ensemble.run ARGS` in its own session, its output collected line by line.
 
     With `terminal`, its stdin, stdout and stderr are a pseudo-terminal of 80 columns, a terminal's default,
-    and the lines are what the terminal shows, rich's cursor moves and colours stripped.
+    and the lines are what the terminal shows, rich's cursor moves and colours stripped. It runs in an
+    environment of its own (own_environment), removed when the test ends.
     """
 
     def __init__(self, *args: str, terminal: bool = False):
         self.started = time.monotonic()
+        self.base = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
         streams: dict = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         if terminal:
             leader, follower = pty.openpty()
@@ -48,7 +72,7 @@ class EnsembleProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ensemble.run", *args],
             cwd=REPO,
-            env=ENV | ({"TERM": "xterm-256color"} if terminal else {}),
+            env=own_environment(self.base) | ({"TERM": "xterm-256color"} if terminal else {}),
             start_new_session=True,  # its own session: a kill can take the driver and its local cluster
             **streams,
         )
@@ -135,6 +159,7 @@ def end_runs_left_running() -> None:
         # A reaped driver's pid may since lead another session (another test's run): that one is not ours.
         if pids and not (run.process.returncode is not None and run.process.pid in pids):
             run.kill_everything()
+        shutil.rmtree(run.base, ignore_errors=True)
 
 
 def planned_and_reported(report: dict, overrides: list[str], round: int = 0) -> tuple[list[dict], list[dict]]:

@@ -2,7 +2,7 @@
 
 Use it from a test module with `from tests.s3_server import s3_bucket` (or expose it from conftest.py).
 The fixture yields an `S3Bucket`: `uri` is a fresh prefix in the form `pyarrow.fs.FileSystem.from_uri`
-(and so `ensemble.outputs.Storage` and Ray) accepts; `fresh()` gives another one, for one test each.
+(and so `ensemble.storage.Storage` and Ray) accepts; `fresh()` gives another one, for one test each.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib.image
@@ -20,12 +19,12 @@ from PIL import Image
 
 from ensemble.hold import OutputDirHold
 from ensemble.launch import free_port
-from ensemble.outputs import Storage
 from ensemble.predict import member_logits
+from ensemble.storage import Storage
 from ensemble.vote import vote, vote_probabilities
 
 from .conftest import REPO
-from .helpers import planned_and_reported
+from .helpers import own_ray_environment, planned_and_reported
 from .s3_server import S3Bucket
 from .s3_server import s3_bucket as s3_bucket  # the module's S3 server (re-export: a fixture)
 
@@ -64,14 +63,10 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproce
     nothing listening there: a local run must start its own Ray all the same.
     """
     output = tmp_path_factory.mktemp("tensorflow") / "quickstart"
-    ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    (ray_tmpdir / "ray").mkdir()
-    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmpdir)}
-    try:
+    with own_ray_environment() as env:
+        (Path(env["RAY_TMPDIR"]) / "ray").mkdir()
+        (Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
         yield output, run_ensemble(*QUICKSTART, "--output-dir", str(output), env=env)
-    finally:
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 # What a default run must not show: framework chatter, which goes to Ray's log files instead.

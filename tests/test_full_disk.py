@@ -4,12 +4,9 @@ is freed, the same command resumes: no epoch whose line was printed trains again
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import pytest
 from ensemble.run import WHAT_IS_KEPT
 
 from .conftest import REPO
+from .helpers import own_ray_environment
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -45,9 +43,7 @@ def tmpfs(path: Path, size: str) -> Iterator[None]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def run(output: Path, ray_tmpdir: Path) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env |= {"RAY_TMPDIR": str(ray_tmpdir), "PYTHONUNBUFFERED": "1"}
+def run(output: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "ensemble.run", *ARGS, "--output-dir", str(output)]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
@@ -57,26 +53,22 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_resumes_once
 ) -> None:
     disk = tmp_path / "disk"
     disk.mkdir()
-    ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     output = disk / "run"
-    try:
-        with tmpfs(disk, "9m"):
-            full = run(output, ray_tmpdir)
-            assert full.returncode == 1, full.stdout[-3000:]
-            [line] = full.stderr.splitlines()
-            assert line.startswith(f"error: output dir {output}: cannot be written (")
-            assert "No space left on device" in line and line.endswith(f"; {WHAT_IS_KEPT}")
-            assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
-            printed = set(EPOCH.findall(full.stdout))
-            assert ("member-00", "1") in printed
+    with own_ray_environment() as env, tmpfs(disk, "9m"):
+        full = run(output, env)
+        assert full.returncode == 1, full.stdout[-3000:]
+        [line] = full.stderr.splitlines()
+        assert line.startswith(f"error: output dir {output}: cannot be written (")
+        assert "No space left on device" in line and line.endswith(f"; {WHAT_IS_KEPT}")
+        assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
+        printed = set(EPOCH.findall(full.stdout))
+        assert ("member-00", "1") in printed
 
-            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-            resumed = run(output, ray_tmpdir)
-            assert resumed.returncode == 0, resumed.stderr[-3000:]
-            assert not printed & set(EPOCH.findall(resumed.stdout))  # no printed epoch trained again
-            assert {member for member, _ in printed} <= {
-                member for member in ("member-00", "member-01") if f"{member}: resuming after epoch" in resumed.stdout
-            }
-            assert len((output / "submission.csv").read_text().splitlines()) == 1001
-    finally:
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resumed = run(output, env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert not printed & set(EPOCH.findall(resumed.stdout))  # no printed epoch trained again
+        assert {member for member, _ in printed} <= {
+            member for member in ("member-00", "member-01") if f"{member}: resuming after epoch" in resumed.stdout
+        }
+        assert len((output / "submission.csv").read_text().splitlines()) == 1001

@@ -19,8 +19,9 @@ from ensemble import train
 from ensemble.config import Config, load_config
 from ensemble.data import EnsembleData, prepare
 from ensemble.plan import plan_members
-from ensemble.train import Group, Member, epoch_batches, new_member
-from ensemble.worker import member_files, restore_members, write_folders
+from ensemble.rundir import write_checkpoint
+from ensemble.train import GroupTrainer, Member, epoch_batches, new_member
+from ensemble.worker import checkpoint_files, restore_members
 
 MEMBERS = 3
 WARN_BYTES = "jax_captured_constants_warn_bytes"  # JAX warns of constants this large captured in a program
@@ -43,11 +44,11 @@ def fresh(config: Config, data: EnsembleData) -> list[Member]:
 def test_a_group_takes_the_same_first_step_as_each_member_alone(setup) -> None:
     config, data = setup
     together, alone = fresh(config, data), fresh(config, data)
-    group = Group(together, config, data)
+    group = GroupTrainer(together, config, data)
     batches = np.stack([epoch_batches(member, 0, config.train.batch_size)[:1] for member in together])
     fused = group.fused.train_epoch(tuple(range(MEMBERS)), batches)
     for position, member in enumerate(alone):
-        solo = Group([member], config, data).fused.train_epoch((0,), batches[position : position + 1])
+        solo = GroupTrainer([member], config, data).fused.train_epoch((0,), batches[position : position + 1])
         # The same loss and the same correct count on the same first batch: same weights, same augmentation draws.
         np.testing.assert_allclose(fused[position], solo[0], rtol=1e-4)
     # Each member drew its own batch (its own split and shuffle), and the members started from different weights.
@@ -62,7 +63,7 @@ def test_every_set_larger_than_a_chunk_shares_one_forward_program_with_no_images
     """
     config, data = setup
     monkeypatch.setattr(train, "EVAL_BATCH_SIZE", 64)
-    group = Group(fresh(config, data)[:2], config, data)
+    group = GroupTrainer(fresh(config, data)[:2], config, data)
     sizes = (100, 150, 65)
     with warnings.catch_warnings(), contextlib.ExitStack() as restore:
         if keras.backend.backend() == "jax":
@@ -88,9 +89,9 @@ def test_every_set_larger_than_a_chunk_shares_one_forward_program_with_no_images
 def test_a_group_trains_the_members_three_solo_runs_would(setup) -> None:
     config, data = setup
     together = fresh(config, data)
-    Group(together, config, data).train(lambda trained: None)
+    GroupTrainer(together, config, data).train(lambda trained: None)
     for member, alone in zip(together, fresh(config, data), strict=True):
-        Group([alone], config, data).train(lambda trained: None)
+        GroupTrainer([alone], config, data).train(lambda trained: None)
         assert member.state.epochs == alone.state.epochs and member.state.best_epoch == alone.state.best_epoch
         # Within noise: 350 validation digits, so a few digits at most (the same weights up to float rounding).
         grouped, solo = member.state.history[-1]["val_accuracy"], alone.state.history[-1]["val_accuracy"]
@@ -116,7 +117,7 @@ def test_a_member_that_stops_early_keeps_its_best_epoch_while_the_others_train_o
             assert stopping not in trained
             weights["while the others trained"] = stopping.model.get_weights()
 
-    trained = Group(members, config, data)
+    trained = GroupTrainer(members, config, data)
     trained.train(on_epoch)
     assert stopping.state.stopped and stopping.state.epochs == 2 and stopping.state.best_epoch == 1
     assert all(member.state.epochs == 3 for member in members if member is not stopping)
@@ -130,11 +131,11 @@ def test_a_member_that_stops_early_keeps_its_best_epoch_while_the_others_train_o
 
     # Saved as a group checkpoint holds them and restored (a crash before the group's final report): no member
     # trains again, the stopped one included, and each predicts with its best weights.
-    write_folders(tmp_path, {member.spec.name: member_files(member) for member in members})
+    write_checkpoint(tmp_path, False, {member.spec.name: checkpoint_files(member) for member in members})
     specs = [member.spec for member in members]
     restored, restarted = restore_members(config, specs, data, tmp_path, "checkpoint")
     assert restarted == {}
-    group = Group(restored, config, data)
+    group = GroupTrainer(restored, config, data)
     group.train(lambda trained: pytest.fail(f"{trained[0].spec.name} trained again"))
     for final, best in zip(restored[1].model.get_weights(), weights["best"], strict=True):
         np.testing.assert_array_equal(final, best)

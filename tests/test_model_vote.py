@@ -6,7 +6,7 @@ import pytest
 
 from ensemble.config import ModelConfig
 from ensemble.model import build_model
-from ensemble.outputs import submission_csv
+from ensemble.results import submission_csv
 from ensemble.scoring import MemberLogits, score
 from ensemble.vote import accuracy, accuracy_interval, fit_weights, paired_comparison, vote
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from ensemble.config import Config
-from ensemble.outputs import Storage, kaggle_submit_line
-from ensemble.report import ensemble_size_curve, render_report
+from ensemble.report import ensemble_size_curve, kaggle_submit_line, render_report
 from ensemble.results import FinishedMember, RunResults, write_results
 from ensemble.scoring import MemberLogits
+from ensemble.storage import Storage
 from ensemble.vote import vote
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

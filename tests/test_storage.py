@@ -1,4 +1,4 @@
-"""ensemble.outputs.Storage against a real S3-compatible server (moto's, started by tests/s3_server.py)."""
+"""ensemble.storage.Storage against a real S3-compatible server (moto's, started by tests/s3_server.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from ensemble import hold
 from ensemble.config import ConfigError
 from ensemble.hold import OutputDirHold
-from ensemble.outputs import Storage
+from ensemble.storage import Storage
 from tests.s3_server import S3Bucket
 from tests.s3_server import s3_bucket as s3_bucket  # the module-scoped server and bucket (re-export: a fixture)
 

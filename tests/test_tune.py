@@ -14,6 +14,7 @@ import yaml
 from ensemble.config import load_config
 
 from .conftest import REPO
+from .helpers import own_ray_environment
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -28,9 +29,9 @@ def trial_ids(output: Path) -> list[str]:
 
 
 def tune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ensemble.tune", *args], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
+    with own_ray_environment() as env:
+        command = [sys.executable, "-m", "ensemble.tune", *args]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_a_tiny_search_writes_a_config_that_ensemble_run_takes_and_resumes(tmp_path: Path) -> None:
