@@ -123,9 +123,14 @@ class ResourcesConfig:
     members_per_worker: int | str = "auto"
     max_parallel_members: int | None = None  # how many workers train at once; None: as many as the cluster holds
     max_failures: int = 2  # restarts of a worker from its last checkpoint
-    # Members that have waited this long for resources, with nothing training, are said to be waiting; on a
-    # cluster with no autoscaler to add a node, the run then stops.
+    # Members that have waited this long for resources, with nothing training, are said to be waiting; unless
+    # the cluster autoscales, the run then stops.
     wait_seconds: float = 60.0
+    # Whether the cluster adds nodes when members wait for them (README: "When resources cannot be met"). "auto":
+    # a local Ray of the run's own never does; a cluster joined through RAY_ADDRESS may: a worker that no node
+    # holds waits for one, for resources.wait_seconds. true: it waits for as long as it takes. false: a worker no
+    # node holds stops the run at once.
+    autoscaling: bool | str = "auto"
 
 
 @dataclass
@@ -341,3 +346,4 @@ def _validate_resources(resources: ResourcesConfig) -> None:
         "must be 'auto' or a whole number >= 1",
     )
     _check(resources.wait_seconds > 0, "resources.wait_seconds", "must be positive")
+    _check(resources.autoscaling in (True, False, "auto"), "resources.autoscaling", "must be true, false or 'auto'")

@@ -4,8 +4,9 @@
   holding process ends, however it ends: a crash or a SIGKILL cannot leave the dir held. The file says
   who holds it.
 - An object store, which has no locks: a lease object `<dir>/.run-lease.json` naming its holder, whose
-  heartbeat the holder rewrites every LEASE_BEAT_SECONDS. Another run takes the dir over only once that
-  heartbeat is LEASE_STALE_SECONDS old: its holder died without letting go.
+  heartbeat the holder rewrites every LEASE_BEAT_SECONDS. Another run takes the dir over once that
+  heartbeat is LEASE_STALE_SECONDS old (its holder died without letting go), or at once where the holder is a
+  process of this host that no longer exists (a crashed run, rerun where it ran).
 A run that finds its dir held stops at once with one line: who holds it, since when, and what to do.
 `ensemble.run`, `ensemble.tune` and `ensemble.revote` hold their dir; `ensemble.predict` only reads it.
 """
@@ -66,7 +67,7 @@ class OutputDirHold:
         else:
             self.stopped.set()
             self.beats.join()
-            with contextlib.suppress(OSError):  # a storage that went away
+            with contextlib.suppress(OSError, ConfigError):  # a storage that went away
                 if read_lease(self.storage).get("token") == self.token:
                     self.storage.filesystem.delete_file(self.storage.path(LEASE_FILE))
             self._remove_if_unused()
@@ -86,7 +87,7 @@ class OutputDirHold:
 
     def _lease(self) -> None:
         lease = read_lease(self.storage)
-        if lease and time.time() - lease.get("heartbeat", 0) < LEASE_STALE_SECONDS:
+        if lease and time.time() - lease.get("heartbeat", 0) < LEASE_STALE_SECONDS and not ended_here(lease):
             raise refusal(self.storage.location, lease)
         self.taken_over = lease or None
         self._beat()
@@ -124,12 +125,25 @@ def read_lease(storage: Storage, tries: int = 3) -> dict[str, Any]:
     it: the store's reader asks the object's size, then reads that many bytes of what may by then be the next
     heartbeat, a character longer or shorter. So a lease that does not parse, or cannot be read, is read again."""
     for _ in range(tries - 1):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ConfigError):
             text = storage.read_text(LEASE_FILE)
             if text is None or _holder(text):
                 return _holder(text or "")
         time.sleep(0.05)
     return _holder(storage.read_text(LEASE_FILE) or "")
+
+
+def ended_here(holder: dict[str, Any]) -> bool:
+    """Whether a lease's holder was a process of this host that has ended (its pid is gone)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a process of another user has that pid now
+        return False
+    return False
 
 
 def _holder(text: str) -> dict[str, Any]:

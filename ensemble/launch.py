@@ -58,7 +58,7 @@ def add_options(parser: argparse.ArgumentParser, default_output_dir: str) -> Non
 
 
 def load_options(args: argparse.Namespace, output_dir: str | None = None) -> Config:
-    """The config the options give: the file, then --data-dir, each --set, and --output-dir (else `output_dir`)."""
+    """The config the options give: the file, then each --set, --data-dir, and --output-dir (else `output_dir`)."""
     overrides = command_line_overrides(args.set, args.data_dir)
     if args.output_dir or output_dir:
         overrides.append({"output_dir": args.output_dir or output_dir})
@@ -169,7 +169,7 @@ def start(config: Config, storage: Storage, verbose: bool) -> Driver:
     machine has."""
     leave_working_dir()
     start_ray(verbose)
-    nodes = cluster_nodes()
+    nodes = cluster_nodes(config.resources)
     check_sees_gpus(config.resources, nodes)
     return Driver(config, storage, nodes, verbose)
 
@@ -198,16 +198,15 @@ def check_reachable(address: str) -> None:
 # The cluster as Ray and the machine see it (what is done with it: ensemble/resources.py)
 
 
-def cluster_nodes() -> Nodes:
-    """This cluster's nodes; with an autoscaler, also the node types it may start."""
+def cluster_nodes(config: ResourcesConfig) -> Nodes:
+    """This cluster's nodes, and whether it adds nodes (resources.autoscaling). Ray has no public API that says
+    whether a cluster autoscales, or what nodes it may add: under "auto", a local Ray of this process's own never
+    does, and a cluster joined through RAY_ADDRESS may."""
     alive = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
-    addable = []
-    # The autoscaler (ray up, KubeRay) publishes its node types in Ray's GCS; Ray Train reads them there too,
-    # through this call, which has no public twin.
-    config = ray._private.state.state.get_cluster_config()
-    if config is not None:
-        addable = [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
-    return Nodes(alive, addable)
+    grows = config.autoscaling
+    if grows == "auto":
+        grows = None if os.environ.get("RAY_ADDRESS") else False
+    return Nodes(alive, grows)
 
 
 def nvidia_gpus() -> list[str]:
@@ -248,12 +247,13 @@ class ResourceWatch(tune.Stopper):
     """Says, in one line, what this run's groups wait for once they have waited `seconds` with none running.
 
     Train runs ask for their workers' resources as placement groups: the run waits while its placement
-    groups are pending and none holds its resources. With an autoscaler a node may still come, and the
-    run keeps waiting; without one nothing will change, and it stops (`stopped` says why).
+    groups are pending and none holds its resources. On a cluster that adds nodes (`grows`, Nodes.grows) a node
+    may still come, and the run keeps waiting; otherwise, or where the run cannot know, it stops (`stopped` says
+    why).
     """
 
-    def __init__(self, seconds: float, autoscaling: bool, say: Callable[[str], None]):
-        self.seconds, self.autoscaling, self.say = seconds, autoscaling, say
+    def __init__(self, seconds: float, grows: bool | None, say: Callable[[str], None]):
+        self.seconds, self.grows, self.say = seconds, grows, say
         self.job = ray.get_runtime_context().get_job_id()
         self.waiting_since: float | None = None
         self.checked = 0.0
@@ -280,11 +280,17 @@ class ResourceWatch(tune.Stopper):
             f"members have waited {now - self.waiting_since:.0f} s for {asks}, with nothing running; the cluster "
             f"has {free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free"
         )
-        if self.autoscaling:
-            self.say(f"{line}; waiting for the autoscaler to add a node")
+        if self.grows:
+            self.say(f"{line}; waiting for the cluster's autoscaler to add a node (resources.autoscaling is true)")
             self.waiting_since = now  # say it again after another while
             return False
-        self.stopped = f"{line}, and no autoscaler to add a node (resources.wait_seconds)"
+        if self.grows is False:
+            self.stopped = f"{line}, and no autoscaler to add a node (resources.wait_seconds)"
+        else:
+            self.stopped = (
+                f"{line}, and no node was added meanwhile (resources.wait_seconds); if the cluster's autoscaler is "
+                "still starting one, set resources.autoscaling=true to wait for it"
+            )
         return True
 
     def _placement_groups(self) -> tuple[list[dict[str, float]], bool]:
@@ -303,44 +309,47 @@ def fit_trials(
     trainable: Callable[..., None],
     parameters: dict[str, Any],
     data: EnsembleData,
-    experiment: tuple[str, str],
-    progress: tuple[Callable[[str, str], str], int],
+    *,
+    storage_path: str,
+    name: str,
+    line_name: Callable[[str, str], str],
+    epochs: int,
     tune_config: tune.TuneConfig,
     param_space: dict[str, Any],
     resume: bool = False,
 ) -> tuple[tune.ResultGrid, str | None]:
     """Run `trainable`'s trials through Ray Tune: (their results, why the run stopped waiting for resources if it
-    did). Each trial gets `parameters` and the run's: its output location, a new marker of this start
-    (rundir.write_marker), the data (put in the object store once) and the live progress board.
+    did). Each trial gets `parameters` and the run's: its output location, a new marker (rundir.write_marker),
+    the data (put in the object store once) and the live progress board.
 
-    `experiment`: (storage path, name) of the Tune experiment in the output location; with `resume`, one found
-    there is restored (a search's). `progress`: how progress lines name a member, and the epoch budget.
+    The Tune experiment is `name` under `storage_path` of the output location; with `resume`, one found there is
+    restored (a search's), with the callbacks and stopper it was started with. `line_name(run, member)` names
+    a member's progress lines from its Train run's name and its own; `epochs` is every member's epoch budget.
     """
-    lines = Progress(*progress)
-    watch = ResourceWatch(driver.config.resources.wait_seconds, bool(driver.nodes.addable), say=lines.say)
-    storage = driver.storage
-    parameters = parameters | {
-        "storage": storage,
-        "marker": rundir.write_marker(storage),
-        # The data goes into the object store once; trials read it from there. The reference is wrapped in a
-        # tuple because with_parameters would otherwise resolve it to the data itself in every trial.
-        "data_ref": (ray.put(data),),
-        "board": lines.board,
-    }
-    trainable = tune.with_resources(
-        tune.with_parameters(trainable, **parameters), {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
-    )
-    path, name = experiment
+    lines = Progress(line_name, epochs)
     try:
-        if resume and tune.Tuner.can_restore(f"{path}/{name}", storage_filesystem=storage.filesystem):
+        storage = driver.storage
+        watch = ResourceWatch(driver.config.resources.wait_seconds, driver.nodes.grows, say=lines.say)
+        parameters = parameters | {
+            "storage": storage,
+            "marker": rundir.write_marker(storage),
+            # The data goes into the object store once; trials read it from there. The reference is wrapped in a
+            # tuple because with_parameters would otherwise resolve it to the data itself in every trial.
+            "data_ref": (ray.put(data),),
+            "board": lines.board,
+        }
+        trial_resources = {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
+        trainable = tune.with_resources(tune.with_parameters(trainable, **parameters), trial_resources)
+        experiment = f"{storage_path}/{name}"
+        if resume and tune.Tuner.can_restore(experiment, storage_filesystem=storage.filesystem):
             lines.say(f"resuming the {name} found in the output dir")
             tuner = tune.Tuner.restore(
-                f"{path}/{name}", trainable, resume_errored=True, storage_filesystem=storage.filesystem
+                experiment, trainable, resume_errored=True, storage_filesystem=storage.filesystem
             )
         else:
             run_config = tune.RunConfig(
                 name=name,
-                storage_path=path,
+                storage_path=storage_path,
                 storage_filesystem=storage.filesystem,
                 callbacks=[lines],
                 stop=watch,

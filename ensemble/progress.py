@@ -98,6 +98,13 @@ class Progress(tune.Callback):
         if result.get("done"):
             self.finished.update(self.name_of(run, member) for member in result["members"])
 
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial ended (its group done, or a search's scheduler stopped it): its members' live lines go."""
+        result = trial.last_result or {}
+        self.finished.update(self.name_of(result.get("run", ""), member) for member in result.get("members", []))
+
+    on_trial_error = on_trial_complete
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.board is None or time.monotonic() - self.read_at < POLL_SECONDS:
             return

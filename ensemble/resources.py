@@ -3,10 +3,10 @@
 - `member_resources`: what one member asks for (`gpus_per_member: auto` is a GPU where the cluster has one).
 - `group_size` and `split_evenly`: which members train together in one worker (resources.members_per_worker).
 - `MemberGroup`, `group_resources` and `plan_groups`: each group of members, and what its worker asks for.
-- `check_fits`: a group that no node the cluster has or may add can hold stops the run at once.
+- `check_fits`: a group that no node holds waits for the cluster's autoscaler, or stops the run at once.
 - `parallel_groups`: how many groups train at once.
 
-`Nodes` is what ensemble/launch.py reads of a live cluster; tests/test_groups.py plans cluster shapes without one.
+`Nodes` is what ensemble/launch.py reads of a live cluster; tests/test_resources.py plans cluster shapes without one.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from ensemble.plan import MemberSpec
 
 @dataclasses.dataclass(frozen=True)
 class Nodes:
-    """The nodes a cluster has, and the kinds of node its autoscaler may add, as Ray resource dicts."""
+    """The nodes a cluster has, as Ray resource dicts, and whether it adds nodes for what waits: True, False, or
+    None where the run cannot know (a cluster it joined; resources.autoscaling)."""
 
     alive: list[dict[str, float]]
-    addable: list[dict[str, float]]
+    grows: bool | None = False
 
     @property
     def total(self) -> dict[str, float]:
@@ -33,7 +34,7 @@ class Nodes:
         return {key: sum(node.get(key, 0.0) for node in self.alive) for key in keys}
 
     def largest(self, key: str) -> float:
-        return max((node.get(key, 0.0) for node in self.alive + self.addable), default=0.0)
+        return max((node.get(key, 0.0) for node in self.alive), default=0.0)
 
 
 def member_resources(config: ResourcesConfig, cluster: dict[str, float]) -> dict[str, float]:
@@ -108,15 +109,24 @@ def plan_groups(members: list[list[MemberSpec]], config: ResourcesConfig, nodes:
     ]
 
 
-def check_fits(resources: dict[str, float], nodes: Nodes, what: str) -> None:
-    """A ConfigError, at once, if no node the cluster has or can add holds `resources` (one worker's): Ray would
-    otherwise wait for such a node for ever, in silence. `what` names who asks (a member, a group of 3 members)."""
-    candidates = nodes.alive + nodes.addable
-    if any(all(node.get(key, 0.0) >= amount for key, amount in resources.items()) for node in candidates):
-        return
+def check_fits(resources: dict[str, float], nodes: Nodes, what: str) -> str | None:
+    """Whether some node holds `resources` (one worker's), where Ray would otherwise wait for such a node in
+    silence: None if one does; else, on a cluster that may add one, the line that says the worker waits for it;
+    else a ConfigError, at once. `what` names who asks (a member, a group of 3 members)."""
+    if any(all(node.get(key, 0.0) >= amount for key, amount in resources.items()) for node in nodes.alive):
+        return None
     shapes = sorted((node.get("CPU", 0.0), node.get("GPU", 0.0)) for node in nodes.alive)
-    has = "; ".join(f"{cpus:g} CPU, {gpus:g} GPU" for cpus, gpus in shapes)
-    grow = f", and its autoscaler may add nodes of {len(nodes.addable)} kinds" if nodes.addable else ""
+    needs = (
+        f"{what} needs {resources['CPU']:g} CPU and {resources['GPU']:g} GPU on one node, but no node of this "
+        f"cluster has that (its nodes: {'; '.join(f'{cpus:g} CPU, {gpus:g} GPU' for cpus, gpus in shapes)})"
+    )
+    if nodes.grows:
+        return f"{needs}: it waits for the cluster's autoscaler to add one (resources.autoscaling is true)"
+    if nodes.grows is None:
+        return (
+            f"{needs}: it waits for the cluster's autoscaler to add one, for resources.wait_seconds with nothing "
+            "running (resources.autoscaling=true: for as long as it takes; false: stop at once)"
+        )
     if resources["GPU"] > nodes.largest("GPU"):
         largest = nodes.largest("GPU")
         change = (
@@ -126,10 +136,7 @@ def check_fits(resources: dict[str, float], nodes: Nodes, what: str) -> None:
         )
     else:
         change = f"lower resources.cpus_per_member (a node has {nodes.largest('CPU'):g} CPU at most)"
-    raise ConfigError(
-        f"{what} needs {resources['CPU']:g} CPU and {resources['GPU']:g} GPU on one node, but no node of this "
-        f"cluster has that (its nodes: {has}{grow}); {change}"
-    )
+    raise ConfigError(f"{needs}; {change}")
 
 
 def parallel_groups(config: ResourcesConfig, resources: dict[str, float], cluster: dict[str, float], count: int) -> int:

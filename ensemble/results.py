@@ -9,22 +9,18 @@ reads and writes.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ensemble import rundir
+from ensemble.config import ConfigError
 from ensemble.plan import MemberSpec
 from ensemble.report import render_report
-from ensemble.rundir import REPORT_FILE, SUBMISSION_FILE, WhereTrained
+from ensemble.rundir import SUBMISSION_FILE
 from ensemble.scoring import MemberLogits, Scores, score
 from ensemble.storage import Storage
-
-# What report.json keeps of each member's final state, besides its spec; a run from before groups were timed
-# has no "group" or "compile_seconds" (None).
-STATE_FIELDS = ("epochs", "best_epoch", *(field.name for field in dataclasses.fields(WhereTrained)))
 
 
 @dataclass
@@ -50,22 +46,28 @@ class RunResults:
 def load_member(storage: Storage, spec: MemberSpec, folder: str) -> FinishedMember:
     """A finished member's report entry, history and logits, read from its `folder` of its group's final checkpoint."""
     with rundir.member_checkpoint(storage, folder).as_directory() as directory:
-        state = rundir.read_state(spec.name, folder, directory)
+        state, where = rundir.read_state(spec.name, folder, directory)
         predictions = rundir.read_predictions(spec.name, folder, directory)
-    history = state["history"]
-    best = history[state["best_epoch"] - 1] if history else {}
+    if where is None:
+        raise ConfigError(
+            f"{spec.name}: {folder}/{rundir.STATE_FILE} does not say where it trained: not a finished member's"
+        )
+    history = state.history
+    best = history[state.best_epoch - 1] if history else {}
     entry = {
         "name": spec.name,
         **dataclasses.asdict(spec),
-        **{key: state.get(key) for key in STATE_FIELDS},
+        "epochs": state.epochs,
+        "best_epoch": state.best_epoch,
+        **dataclasses.asdict(where),
         "val_accuracy": best.get("val_accuracy"),  # None: it had no validation split
         "train_seconds": round(sum(epoch["seconds"] for epoch in history), 2),
         "checkpoint": folder,
     }
-    return FinishedMember(entry, history, member_logits(spec.name, predictions))
+    return FinishedMember(entry, history, voted_logits(spec.name, predictions))
 
 
-def member_logits(name: str, predictions: rundir.Predictions) -> MemberLogits:
+def voted_logits(name: str, predictions: rundir.Predictions) -> MemberLogits:
     """What the vote uses of a member's predictions: with test-time augmentation, the augmented views (the plain
     holdout logits are kept to compare)."""
 
@@ -125,7 +127,7 @@ def write_results(run: RunResults, method: str, scores: Scores | None = None) ->
         "versions": package_versions(),
     }
     run.storage.write_text(submission_csv(scores.test_labels), SUBMISSION_FILE)
-    run.storage.write_text(json.dumps(report, indent=2) + "\n", REPORT_FILE)
+    rundir.save_report(run.storage, report)
     render_report(
         run.storage,
         report,

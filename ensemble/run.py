@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         return launch.refused(error)
     print_plan(config, plan, data, count_parameters=args.dry_run, verbose=args.verbose)
-    if hold is None:
+    if args.dry_run:
         return 0
     with hold:
         try:
@@ -87,7 +87,7 @@ def train_and_write(
     compiling = 0.0
     for number in range(config.ensemble.pseudo_label.rounds + 1):
         finished, failed, stopped = train_round(driver, run_tracking, groups, data, number)
-        if problem := stopped or why_not_voting(driver, finished, failed, len(plan)):
+        if problem := stopped or round_failures(driver, finished, failed, len(plan)):
             print(f"error: {problem}", file=sys.stderr)
             return 1
         compiling += groups_compile_seconds(finished)
@@ -99,8 +99,16 @@ def train_and_write(
     # Not wall time: groups that train at once compile at once.
     timings = {"data_seconds": round(data_seconds, 2), "groups_compile_seconds": round(compiling, 2)}
     timings["total_seconds"] = round(time.time() - started, 2)
-    holdout = data.holdout_images, data.holdout_labels
-    run = RunResults(storage, config.to_dict(), finished, failed, *holdout, timings, rounds if number else [])
+    run = RunResults(  # of the last round: its members, failures and scores
+        storage=storage,
+        config=config.to_dict(),
+        members=finished,
+        failed=failed,
+        holdout_images=data.holdout_images,
+        holdout_labels=data.holdout_labels,
+        timings=timings,
+        rounds=rounds if config.ensemble.pseudo_label.rounds else [],
+    )
     write_and_say(run, scores, len(data.test_images), run_tracking, started)
     return 0
 
@@ -168,13 +176,17 @@ def check_output_dir(storage: Storage, config: Config) -> None:
 def planned_groups(storage: Storage, plan: list[MemberSpec], config: Config, nodes: Nodes) -> list[MemberGroup]:
     """Which members train together: as the run's first start grouped them, so that a rerun resumes each member
     in the Train run that holds its checkpoints; else as resources.members_per_worker says for this cluster.
-    A ConfigError, at once, if no node can hold some group's worker."""
+    A ConfigError, at once, if no node holds some group's worker and the cluster adds none."""
     members = rundir.saved_groups(storage, plan) or split_evenly(plan, group_size(config.resources, len(plan), nodes))
     groups = plan_groups(members, config.resources, nodes)
-    for group in groups:
-        size = len(group.members)
-        check_fits(group.resources, nodes, "a member" if size == 1 else f"a group of {size} members")
+    waits = [check_fits(group.resources, nodes, who(group)) for group in groups]
+    for line in dict.fromkeys(line for line in waits if line):  # each once, in order
+        print(line, flush=True)
     return groups
+
+
+def who(group: MemberGroup) -> str:
+    return "a member" if len(group.members) == 1 else f"a group of {len(group.members)} members"
 
 
 def train_round(
@@ -219,8 +231,10 @@ def fit_groups(
         run_group,
         {"groups": by_name, "config": config, "tracking": run_tracking},
         data,
-        experiment=(storage.path("ray"), f"tune-round-{number}" if number else "tune"),
-        progress=(lambda run, member: member, config.train.max_epochs),
+        storage_path=storage.path(rundir.TUNE_DIR),
+        name=f"tune-round-{number}" if number else "tune",
+        line_name=lambda run, member: member,  # a member's lines are named after it alone
+        epochs=config.train.max_epochs,
         tune_config=tune.TuneConfig(
             max_concurrent_trials=parallel_groups(config.resources, largest, driver.nodes.total, len(todo))
         ),
@@ -244,11 +258,11 @@ def load_group(storage: Storage, group: MemberGroup, folder: str) -> list[Finish
     return [load_member(storage, spec, f"{folder}/{spec.name}") for spec in group.members]
 
 
-def why_not_voting(
+def round_failures(
     driver: Driver, finished: list[FinishedMember], failed: list[dict[str, str]], planned: int
 ) -> str | None:
-    """Why the run cannot vote after a round, if it cannot: its storage fails, or too few members finished (each
-    failed member is said first)."""
+    """Say each member that failed in a round (unless its storage failed them); then return why the run cannot
+    vote, if it cannot: its storage fails, or too few members finished."""
     if failed and (problem := driver.storage.unwritable()):  # the members failed for want of storage
         return f"{problem}; {WHAT_IS_KEPT}"
     for member in failed:

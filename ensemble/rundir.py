@@ -4,20 +4,23 @@
       config.json             the resolved config (save_config, saved_config): a rerun resumes only the same members
       groups.json             which members train together (save_groups, saved_groups): fixed by the first start
       holdout.npz             the common holdout's images and labels (save_holdout, load_holdout)
-      .storage-marker         a token of this start, which every worker reads back (write_marker, read_marker)
+      .storage-marker         a token of the latest trials started, which their workers read back (write_marker)
+      ray/tune[-round-N]/     Ray Tune's experiment of each round: a trial per group
       members/<group>/        one Ray Train run per group; in each of its checkpoints (write_checkpoint):
         checkpoint_*/group.json                 whether the group is done (final_checkpoint reads it)
         checkpoint_*/<member>/model.keras       the model with its optimizer (read_model)
         checkpoint_*/<member>/state.json        its training state, and in the final one where it trained (read_state)
         checkpoint_*/<member>/best_weights.npz  its best epoch's weights (read_best_weights)
         checkpoint_*/<member>/logits.npz        in the final one: its Predictions (read_predictions)
-      submission.csv, report.json, report.html (and its plots)   the results (ensemble/results.py; read_report)
+      submission.csv, report.json  the results (ensemble/results.py; save_report, read_report)
+      report.html, *.png      the report and its plots (ensemble/report.py)
       tensorboard/<member>/   each member's epochs as TensorBoard scalars
       mlflow.json             the MLflow run this output dir logs into (ensemble/tracking.py)
       .run.lock, .run-lease.json   who holds the output dir (ensemble/hold.py)
 
 Every file goes through Storage (ensemble/storage.py), so an output dir on S3 keeps the same files. A member's
-file that is missing or damaged is read as a ConfigError naming the member and the file.
+file that is missing or damaged is read as a ConfigError naming the member and the file. (A search's output dir,
+ensemble/tune.py, is not a run's: it holds trials/, search/, best.yaml, results.csv and search.png.)
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import ray.train
 
 from ensemble.config import ConfigError
 from ensemble.plan import MemberSpec
 from ensemble.storage import Storage
 
 CONFIG_FILE, GROUPS_FILE, HOLDOUT_FILE = "config.json", "groups.json", "holdout.npz"
+TUNE_DIR = "ray"  # Ray Tune's experiments, one per round: a trial per group
 STORAGE_MARKER_FILE = ".storage-marker"
 MEMBERS_DIR = "members"
 GROUP_FILE = "group.json"
@@ -46,6 +50,9 @@ SUBMISSION_FILE, REPORT_FILE, HTML_REPORT_FILE = "submission.csv", "report.json"
 TENSORBOARD_DIR = "tensorboard"
 TRACKING_FILE = "mlflow.json"
 LOCK_FILE, LEASE_FILE = ".run.lock", ".run-lease.json"
+
+if TYPE_CHECKING:
+    import ray.train
 
 T = TypeVar("T")
 # What a checkpoint's member folder holds: file name -> its bytes, or a function that writes it at a path.
@@ -91,7 +98,7 @@ def load_holdout(storage: Storage) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_marker(storage: Storage) -> str:
-    """Write a new token for this start of a run, for its workers to read back (worker.check_sees_output)."""
+    """Write a new token before trials start, for their workers to read back (worker.check_sees_output)."""
     marker = uuid.uuid4().hex
     storage.write_text(marker, STORAGE_MARKER_FILE)
     return marker
@@ -99,6 +106,11 @@ def write_marker(storage: Storage) -> str:
 
 def read_marker(storage: Storage) -> str | None:
     return storage.read_text(STORAGE_MARKER_FILE)
+
+
+def save_report(storage: Storage, report: dict[str, Any]) -> None:
+    """report.json: its format is what ensemble/results.py writes (README: "Vote and results")."""
+    storage.write_text(json.dumps(report, indent=2) + "\n", REPORT_FILE)
 
 
 def read_report(storage: Storage) -> dict[str, Any]:
@@ -140,11 +152,23 @@ class Predictions:
 
 
 @dataclasses.dataclass
+class TrainingState:
+    """Where a member's training stands after an epoch: what its checkpoint holds beside the model."""
+
+    epochs: int = 0
+    stopped: bool = False  # early stopping has fired: no further epoch
+    wait: int = 0  # epochs since the best one
+    best_loss: float = math.inf  # the best validation loss so far
+    best_epoch: int = 0  # 1-based; with no validation split, always the last epoch
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class WhereTrained:
     """Where and when a member's group trained, added to its state in the final checkpoint."""
 
     group: str
-    compile_seconds: float  # the group's first calls of its compiled programs (tracing and compiling), all members'
+    compile_seconds: float | None  # its programs' first calls (tracing, compiling), all members'; None: older runs
     node_id: str
     gpus: list[str]  # Ray's ids of the worker's GPUs
     started_at: float  # the worker's training, as wall-clock times: which groups ran at once
@@ -153,17 +177,18 @@ class WhereTrained:
 
 def member_files(
     save_model: Callable[[Path], Any],
-    state: dict[str, Any],
+    state: TrainingState,
     best_weights: list[np.ndarray] | None,
-    predictions: Predictions | None = None,
+    final: tuple[WhereTrained, Predictions] | None = None,
 ) -> MemberFiles:
     """A member's folder of a checkpoint: its model (written by `save_model`), its state, its best weights if any,
-    and in the group's final checkpoint its predictions."""
-    files: MemberFiles = {MODEL_FILE: save_model, STATE_FILE: json.dumps(state).encode()}
+    and in the group's final checkpoint where it trained and its predictions."""
+    saved = dataclasses.asdict(state) | (dataclasses.asdict(final[0]) if final else {})
+    files: MemberFiles = {MODEL_FILE: save_model, STATE_FILE: json.dumps(saved).encode()}
     if best_weights is not None:
         files[BEST_WEIGHTS_FILE] = _savez({f"arr_{i}": weights for i, weights in enumerate(best_weights)})
-    if predictions is not None:
-        files[LOGITS_FILE] = _savez(predictions.arrays())
+    if final is not None:
+        files[LOGITS_FILE] = _savez(final[1].arrays())
     return files
 
 
@@ -183,6 +208,8 @@ def checkpoint_done(directory: Path) -> bool:
 
 def final_checkpoint(storage: Storage, group: str) -> str | None:
     """The folder of a group's final checkpoint (relative to the run), or None if the group is not done."""
+    import ray.train  # here: training on JAX alone (benchmarks/gpu.py) imports this module, and not Ray
+
     # The group's Train run, as stored: its latest checkpoint is the final one, with the logits.
     try:
         checkpoint = ray.train.Result.from_path(storage.path(MEMBERS_DIR, group), storage.filesystem).checkpoint
@@ -196,11 +223,19 @@ def final_checkpoint(storage: Storage, group: str) -> str | None:
 
 def member_checkpoint(storage: Storage, folder: str) -> ray.train.Checkpoint:
     """A member's folder of its group's checkpoint, by its path relative to the run (as report.json names it)."""
+    import ray.train
+
     return ray.train.Checkpoint(storage.path(folder), storage.filesystem)
 
 
-def read_state(member: str, folder: str, directory: Path) -> dict[str, Any]:
-    return _read(member, folder, STATE_FILE, lambda path: json.loads(path.read_text()), directory)
+def read_state(member: str, folder: str, directory: Path) -> tuple[TrainingState, WhereTrained | None]:
+    """The member's training state, and where it trained if this is its group's final checkpoint."""
+    saved = _read(member, folder, STATE_FILE, lambda path: json.loads(path.read_text()), directory)
+    state = TrainingState(**{field.name: saved[field.name] for field in dataclasses.fields(TrainingState)})
+    if "node_id" not in saved:
+        return state, None
+    # A run from before groups were timed has no "group" or "compile_seconds".
+    return state, WhereTrained(**{field.name: saved.get(field.name) for field in dataclasses.fields(WhereTrained)})
 
 
 def read_best_weights(member: str, folder: str, directory: Path) -> list[np.ndarray] | None:

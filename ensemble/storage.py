@@ -37,7 +37,7 @@ class Storage:
         Run before Ray starts, so that an unusable location stops a run before any work; a location
         that did not exist is removed again, so that a run refused later leaves nothing behind.
         """
-        existed = self.filesystem.get_file_info(self.root).type
+        existed = self._info(self.root, "reached")
         if existed == pyarrow.fs.FileType.File:
             raise ConfigError(f"output dir {self.location}: is a file, not a directory")
         probe = f".write-check-{uuid.uuid4().hex}"
@@ -47,8 +47,7 @@ class Storage:
             if existed == pyarrow.fs.FileType.NotFound:
                 self.filesystem.delete_dir(self.root)
         except (OSError, pyarrow.ArrowException) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"output dir {self.location}: cannot be written ({reason[:120]})") from None
+            raise self._error("written", error) from None
 
     def unwritable(self) -> str | None:
         """Why a megabyte cannot be written at the location now (a full disk, a read-only or lost mount, a bucket
@@ -68,11 +67,27 @@ class Storage:
         return path[len(self.root) :].lstrip("/")
 
     def read_bytes(self, *parts: str) -> bytes | None:
-        """A file's contents, or None when it does not exist."""
-        if self.filesystem.get_file_info(self.path(*parts)).type == pyarrow.fs.FileType.NotFound:
+        """A file's contents, or None when it does not exist; a ConfigError where the location cannot be read (an
+        endpoint that does not answer, credentials refused)."""
+        if self._info(self.path(*parts), "read") == pyarrow.fs.FileType.NotFound:
             return None
-        with self.filesystem.open_input_stream(self.path(*parts)) as stream:
-            return stream.read()
+        try:
+            with self.filesystem.open_input_stream(self.path(*parts)) as stream:
+                return stream.read()
+        except (OSError, pyarrow.ArrowException) as error:
+            raise self._error("read", error) from None
+
+    def _info(self, path: str, doing: str) -> pyarrow.fs.FileType:
+        try:
+            return self.filesystem.get_file_info(path).type
+        except (OSError, pyarrow.ArrowException) as error:
+            raise self._error(doing, error) from None
+
+    def _error(self, doing: str, error: Exception) -> ConfigError:
+        """One line: the location, what could not be done, and the filesystem's own first line (an S3 error's
+        code and what curl said are in its first 160 characters)."""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return ConfigError(f"output dir {self.location}: cannot be {doing} ({reason[:160]})")
 
     def read_text(self, *parts: str) -> str | None:
         contents = self.read_bytes(*parts)

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -34,6 +33,7 @@ from ensemble.data import NUM_CLASSES, EnsembleData, member_splits
 from ensemble.fused import FusedSteps, fused_steps
 from ensemble.model import build_model, compile_model
 from ensemble.plan import MemberSpec
+from ensemble.rundir import TrainingState
 
 EVAL_BATCH_SIZE = 1024  # images per member in one inference step
 # Test-time augmentation views: the image itself, then one-pixel shifts (dx, dy), in this order.
@@ -67,18 +67,6 @@ def seed_everything(seed: int) -> None:
         return
     random.seed(seed)  # Keras draws the seed of every unseeded initializer and SeedGenerator from here
     np.random.seed(seed)
-
-
-@dataclass
-class TrainingState:
-    """Where a member's training stands after an epoch: what its checkpoint holds beside the model."""
-
-    epochs: int = 0
-    stopped: bool = False  # early stopping has fired: no further epoch
-    wait: int = 0  # epochs since the best one
-    best_loss: float = math.inf  # the best validation loss so far
-    best_epoch: int = 0  # 1-based; with no validation split, always the last epoch
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -50,7 +50,7 @@ from ensemble.plan import plan_members
 from ensemble.resources import check_fits, member_resources, parallel_groups
 from ensemble.storage import Storage
 from ensemble.vote import wilson_interval
-from ensemble.worker import group_trainer
+from ensemble.worker import group_train_run
 
 METRIC = "val_accuracy"
 # Validation images that tell recipes apart by about 0.2 points at 99% (a 95% interval of ±0.23 points): one of 5
@@ -142,10 +142,10 @@ def run_trial(
     config = recipe(base, params)
     spec = dataclasses.replace(plan_members(config.ensemble)[0], strength=1.0)
     name = f"trial-{tune.get_context().get_trial_id()}"
-    trainer = group_trainer(
+    train_run = group_train_run(
         config, [spec], name, storage, marker, data_ref[0], resources, TRIALS_DIR, predict_test=False, progress=board
     )
-    trainer.fit()
+    train_run.fit()
 
 
 def results_table(
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             driver = launch.start(config, storage, args.verbose)
             resources = member_resources(config.resources, driver.nodes.total)
-            check_fits(resources, driver.nodes, "a trial's member")
+            if waits := check_fits(resources, driver.nodes, "a trial's member"):
+                print(waits, flush=True)
         except ConfigError as error:
             return launch.refused(error)
         results, stopped = search(driver, data, space, resources, args.samples, args.time_budget)
@@ -309,8 +310,10 @@ def search(
         run_trial,
         {"base": config.to_dict(), "resources": resources},
         data,
-        experiment=(driver.storage.root, "search"),
-        progress=(lambda run, member: run, epochs),
+        storage_path=driver.storage.root,
+        name="search",
+        line_name=lambda run, member: run,  # a trial's lines are named after its Train run (trial-<id>)
+        epochs=epochs,
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",

@@ -1,6 +1,6 @@
 """A group of members as one Ray Train run: its trainer, and the worker loop that checkpoints the members.
 
-`run_group`, the group's Ray Tune trial, builds the run with `group_trainer` (as ensemble.tune's trials do):
+`run_group`, the group's Ray Tune trial, builds the run with `group_train_run` (as ensemble.tune's trials do):
 Ray Train's framework-neutral DataParallelTrainer with one worker, whose runtime environment sets
 KERAS_BACKEND before Keras is imported there. `train_group` runs in that worker: it restores each member
 from the run's latest checkpoint (or starts it fresh), trains the members together (ensemble/train.py), and reports
@@ -18,7 +18,6 @@ never trains, and Keras must first be imported in the worker, under the worker's
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +71,7 @@ def run_group(
     """Ray Tune trial: fit the group the trial names as a Ray Train run (its reports reach Tune through
     TuneReportCallback). Here, not in ensemble.run, so that the trial's process imports only this module."""
     group = groups[trial["group"]]
-    trainer = group_trainer(
+    train_run = group_train_run(
         config,
         group.members,
         group.name,
@@ -83,10 +82,10 @@ def run_group(
         progress=board,
         tracking=tracking,
     )
-    trainer.fit()
+    train_run.fit()
 
 
-def group_trainer(
+def group_train_run(
     config: Config,
     specs: list[MemberSpec],
     name: str,
@@ -190,8 +189,7 @@ class EpochLogs:
 
 def checkpoint_files(member: Any, final: tuple[WhereTrained, Predictions] | None = None) -> rundir.MemberFiles:
     """What a checkpoint holds of a member; `final`: where it trained and its predictions, once it is done."""
-    state = dataclasses.asdict(member.state) | (dataclasses.asdict(final[0]) if final else {})
-    return rundir.member_files(member.model.save, state, member.best_weights, final and final[1])
+    return rundir.member_files(member.model.save, member.state, member.best_weights, final)
 
 
 class GroupCheckpoints:
@@ -256,10 +254,9 @@ def restore_members(
 
 def restore_member(config: Config, spec: MemberSpec, data: EnsembleData, directory: Path, folder: str) -> Any:
     """One member from its folder of a checkpoint; a ConfigError naming the file that cannot be read."""
-    from ensemble.train import TrainingState, restored_member
+    from ensemble.train import restored_member
 
-    saved = rundir.read_state(spec.name, folder, directory)
-    state = TrainingState(**{field.name: saved[field.name] for field in dataclasses.fields(TrainingState)})
+    state, _ = rundir.read_state(spec.name, folder, directory)
     best = rundir.read_best_weights(spec.name, folder, directory)
     model = rundir.read_model(spec.name, folder, directory)
     return restored_member(config, spec, data, model, state, best)
@@ -317,18 +314,37 @@ def progress_poster(board: Any, name: str, batch_size: int) -> Any:
 
 def final_predictions(trainer: Any, config: Config, data: EnsembleData, predict_test: bool) -> list[Predictions]:
     """Each member's Predictions, from its best epoch's weights."""
-    parts = ["holdout", "test"] if predict_test else ["holdout"]
-    logits: dict[str, Any] = {part: trainer.predict(part) for part in parts}
-    if config.ensemble.tta > 1:
-        logits |= {f"{part}_tta": trainer.predict(part, config.ensemble.tta) for part in parts}
+    views = config.ensemble.tta
+
+    def predicted(part: str, wanted: bool = True) -> tuple[Any, Any]:
+        """(members, images, classes) logits of one part, plain and over the test-time views (None: not wanted)."""
+        if not wanted:
+            return None, None
+        return trainer.predict(part), trainer.predict(part, views) if views > 1 else None
+
+    holdout, holdout_tta = predicted("holdout")
+    test, test_tta = predicted("test", predict_test)
     members = trainer.members
-    if len(members[0].val_index):  # each member's predictions on its own validation images (out of fold)
-        logits["validation"] = trainer.predict_validation()
-        if config.ensemble.tta > 1:
-            logits["validation_tta"] = trainer.predict_validation(config.ensemble.tta)
-        logits["validation_index"] = [member.val_index for member in members]  # into the pool
-        logits["validation_labels"] = [data.pool_labels[member.val_index] for member in members]
-    return [Predictions(**{key: values[i] for key, values in logits.items()}) for i in range(len(members))]
+    validating = len(members[0].val_index) > 0  # each member's own validation images (out of fold)
+    validation = trainer.predict_validation() if validating else None
+    validation_tta = trainer.predict_validation(views) if validating and views > 1 else None
+
+    def of(member_logits: Any, position: int) -> Any:
+        return None if member_logits is None else member_logits[position]
+
+    return [
+        Predictions(
+            holdout=holdout[position],
+            test=of(test, position),
+            holdout_tta=of(holdout_tta, position),
+            test_tta=of(test_tta, position),
+            validation=of(validation, position),
+            validation_tta=of(validation_tta, position),
+            validation_index=member.val_index if validating else None,  # into the pool
+            validation_labels=data.pool_labels[member.val_index] if validating else None,
+        )
+        for position, member in enumerate(members)
+    ]
 
 
 def where_trained(name: str, trainer: Any, started_at: float) -> WhereTrained:

@@ -28,6 +28,8 @@ LONGEST_FIRST = [
     "test_bench.py",
     "test_cluster_job.py",
     "test_pseudo_label.py",
+    "test_s3_run.py",
+    "test_autoscaling.py",
     "test_tune.py",
     "test_groups.py",
     "test_backends.py",

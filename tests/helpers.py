@@ -58,10 +58,10 @@ class EnsembleProcess:
 
     With `terminal`, its stdin, stdout and stderr are a pseudo-terminal of 80 columns, a terminal's default,
     and the lines are what the terminal shows, rich's cursor moves and colours stripped. It runs in an
-    environment of its own (own_environment), removed when the test ends.
+    environment of its own (own_environment, plus `env`), removed when the test ends.
     """
 
-    def __init__(self, *args: str, terminal: bool = False):
+    def __init__(self, *args: str, terminal: bool = False, env: dict[str, str] | None = None):
         self.started = time.monotonic()
         self.base = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
         streams: dict = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
@@ -72,7 +72,7 @@ class EnsembleProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ensemble.run", *args],
             cwd=REPO,
-            env=own_environment(self.base) | ({"TERM": "xterm-256color"} if terminal else {}),
+            env=own_environment(self.base) | (env or {}) | ({"TERM": "xterm-256color"} if terminal else {}),
             start_new_session=True,  # its own session: a kill can take the driver and its local cluster
             **streams,
         )

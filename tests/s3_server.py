@@ -127,25 +127,33 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-@pytest.fixture(scope="module")
-def s3_bucket() -> Iterator[S3Bucket]:
+@contextlib.contextmanager
+def s3_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """moto's server on a free local port, its own process group, stopped afterwards: its host:port. `env`: more
+    of the server's settings (INITIAL_NO_AUTH_ACTION_COUNT=0: it checks credentials, and knows none)."""
     port = _free_port()
     endpoint = f"127.0.0.1:{port}"
     # Its own session (process group), so that stopping it ends whatever it started and nothing else.
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=os.environ | (env or {}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
         _wait_until_answering(f"http://{endpoint}/moto-api/", process)
-        with _environment(CREDENTIALS):
-            filesystem = pyarrow.fs.S3FileSystem(
-                endpoint_override=endpoint, scheme="http", region=REGION, allow_bucket_creation=True
-            )
-            bucket = f"test-{uuid.uuid4().hex[:12]}"
-            filesystem.create_dir(bucket)  # a bucket: the first component of an S3 path
-            yield S3Bucket(endpoint, bucket, "", {**os.environ}, filesystem).fresh()
+        yield endpoint
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="module")
+def s3_bucket() -> Iterator[S3Bucket]:
+    with s3_server() as endpoint, _environment(CREDENTIALS):
+        filesystem = pyarrow.fs.S3FileSystem(
+            endpoint_override=endpoint, scheme="http", region=REGION, allow_bucket_creation=True
+        )
+        bucket = f"test-{uuid.uuid4().hex[:12]}"
+        filesystem.create_dir(bucket)  # a bucket: the first component of an S3 path
+        yield S3Bucket(endpoint, bucket, "", {**os.environ}, filesystem).fresh()

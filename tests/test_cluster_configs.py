@@ -93,6 +93,11 @@ def bash_blocks(markdown: str) -> list[str]:
     return re.findall(r"```bash\n(.*?)```", markdown, re.DOTALL)
 
 
+def remote_blocks(markdown: str) -> list[str]:
+    """The bash blocks that reach a cluster elsewhere: not those that start a head on this machine."""
+    return [block for block in bash_blocks(markdown) if "ray start --head" not in block.replace("\\\n", " ")]
+
+
 def bash_commands(block: str) -> Iterator[list[str]]:
     """The commands of a bash block, as argv lists: continuation lines joined, comments dropped."""
     for line in block.replace("\\\n", " ").splitlines():
@@ -385,7 +390,7 @@ def test_placeholders_are_listed_in_the_readme(name: str) -> None:
 
 
 def test_readme_job_command_writes_to_the_launchers_shared_storage() -> None:
-    blocks = [block for block in bash_blocks((CLUSTER / "README.md").read_text()) if "ray job submit" in block]
+    blocks = [block for block in remote_blocks((CLUSTER / "README.md").read_text()) if "ray job submit" in block]
     (block,) = blocks
     (argv,) = [argv for argv in bash_commands(block) if argv[:3] == ["ray", "job", "submit"]]
     args, config = entrypoint_config(shlex.join(argv[argv.index("--") + 1 :]))
@@ -403,7 +408,7 @@ def test_docs_reach_clusters_through_a_tunnel_with_the_token(doc: Path) -> None:
     text = doc.read_text()
     assert "0.0.0.0" not in text and "--dashboard-host" not in text
     clients = 0
-    for block in bash_blocks(text):
+    for block in remote_blocks(text):
         token_mode = False
         for argv in bash_commands(block):
             if argv[0] == "export" and f"{AUTH_MODE_ENV_VAR}=token" in argv[1:]:

@@ -26,6 +26,7 @@ from ensemble.data import write_kaggle_csv
 from ensemble.launch import free_port
 
 from .conftest import REPO
+from .helpers import own_environment
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -92,10 +93,9 @@ def namespaces_work() -> bool:
 @pytest.fixture(scope="module")
 def cluster(sample):
     base = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    for name in ("home", "tmp", "hidden", "visible"):
+    for name in ("hidden", "visible"):
         (base / name).mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env |= {"HOME": str(base / "home"), "RAY_TMPDIR": str(base / "tmp"), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = own_environment(base) | {"PATH": f"{BIN}:{os.environ['PATH']}"}
     images, labels, test_images = sample
     data = base / "visible" / "data"
     data.mkdir()
@@ -240,10 +240,13 @@ sys.stdin.read()
 
 
 def test_what_no_node_can_hold_stops_at_once_and_a_wait_with_nothing_running_is_said(cluster: Cluster) -> None:
-    """Node B has the cluster's one GPU (Ray's fake one): two per member can never be met; one, while
-    another job holds it, waits with nothing running, is said, and on a cluster no autoscaler grows stops."""
+    """Node B has the cluster's one GPU (Ray's fake one): two per member can never be met on a cluster said not
+    to grow; one, while another job holds it, waits with nothing running, is said, and the run stops, since
+    the run cannot know whether a cluster it joined has an autoscaler (tests/test_autoscaling.py: one that has)."""
     output = cluster.base / "visible" / "too-big"
-    result = cluster.ensemble_run(output, "--set", "resources.gpus_per_member=2")
+    result = cluster.ensemble_run(
+        output, "--set", "resources.gpus_per_member=2", "--set", "resources.autoscaling=false"
+    )
     assert result.returncode == 2 and not output.exists()  # stopped before its first file
     assert result.stderr.splitlines() == [
         "error: a member needs 1 CPU and 2 GPU on one node, but no node of this cluster has that (its nodes: "
@@ -269,7 +272,8 @@ def test_what_no_node_can_hold_stops_at_once_and_a_wait_with_nothing_running_is_
     errors = result.stderr.splitlines()
     assert len(errors) == 1 and re.fullmatch(
         r"error: members have waited \d+ s for a worker of 1 CPU and 1 GPU, with nothing running; the cluster "
-        r"has [\d.]+ CPU and 0 GPU free, and no autoscaler to add a node \(resources.wait_seconds\)",
+        r"has [\d.]+ CPU and 0 GPU free, and no node was added meanwhile \(resources.wait_seconds\); if the "
+        r"cluster's autoscaler is still starting one, set resources.autoscaling=true to wait for it",
         errors[0],
     ), result.stderr[-3000:]
     assert " epoch " not in result.stdout and not (output / "report.json").exists()

@@ -13,6 +13,7 @@ from ensemble.hold import LOCK_FILE, OutputDirHold
 from ensemble.storage import Storage
 
 from .conftest import REPO
+from .helpers import own_ray_environment
 
 # A run that holds the dir, as ensemble.run holds it while it trains: it says so, then waits to be killed.
 HOLDER = "import sys, time; from ensemble.hold import OutputDirHold; from ensemble.storage import Storage\n"
@@ -26,9 +27,11 @@ def test_a_second_run_into_a_held_dir_stops_at_once_and_a_killed_holder_leaves_i
         assert holder.stdout.readline() == "held\n"
         before = {path: path.read_bytes() for path in output.rglob("*")}
         command = [sys.executable, "-m", "ensemble.run", "--config", "configs/quickstart.yaml"]
-        result = subprocess.run(
-            [*command, "--output-dir", str(output)], cwd=REPO, capture_output=True, text=True, timeout=300
-        )
+        with own_ray_environment() as env:
+            result = subprocess.run(
+                [*command, "--output-dir", str(output)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert not (Path(env["RAY_TMPDIR"]) / "ray").exists()  # no Ray started
         assert result.returncode == 2
         [line] = result.stderr.splitlines()
         assert line.startswith(f"error: output dir {output} is held by another run (host ")

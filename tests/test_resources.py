@@ -11,8 +11,8 @@ from ensemble.resources import Nodes, check_fits, group_resources, group_size, p
 
 ONE_GPU = [{"CPU": 16, "GPU": 1}]
 LAPTOP = [{"CPU": 2}]
-# An autoscaling cloud cluster as cluster/aws-gpu.yaml starts it: a head without a GPU, GPU workers from 0.
-GPU_HEAD_ONLY = Nodes([{"CPU": 4}], addable=[{"CPU": 8, "GPU": 1}])
+# A head without a GPU, as cluster/aws-gpu.yaml starts it (its GPU workers from 0).
+HEAD = [{"CPU": 4}]
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_members_per_worker_auto_groups_the_members_that_share_a_device(
 ) -> None:
     resources = ResourcesConfig(gpus_per_member=gpus_per_member, members_per_worker=per_worker)
     plan = plan_members(load_config("configs/quickstart.yaml", ["ensemble.members=10"]).ensemble)
-    groups = split_evenly(plan, group_size(resources, len(plan), Nodes(nodes, [])))
+    groups = split_evenly(plan, group_size(resources, len(plan), Nodes(nodes)))
     assert [len(group) for group in groups] == sizes
     assert [spec.index for group in groups for spec in group] == list(range(10))
 
@@ -41,29 +41,36 @@ def test_members_per_worker_auto_groups_the_members_that_share_a_device(
 @pytest.mark.parametrize(
     ("resources", "size", "nodes", "asks"),
     [
-        (ResourcesConfig(), 10, Nodes(ONE_GPU, []), {"CPU": 10, "GPU": 1}),  # gpu.yaml: one group, one GPU
-        (ResourcesConfig(gpus_per_member=0.25), 4, Nodes(ONE_GPU, []), {"CPU": 4, "GPU": 1}),  # 4 quarters
-        (ResourcesConfig(gpus_per_member=2), 1, Nodes(ONE_GPU, []), {"CPU": 1, "GPU": 2}),  # more than one GPU
-        (ResourcesConfig(), 10, Nodes(LAPTOP, []), {"CPU": 2, "GPU": 0}),  # the members share a node's cores
-        (ResourcesConfig(cpus_per_member=4), 3, Nodes(LAPTOP, []), {"CPU": 4, "GPU": 0}),  # a member's own ask
+        (ResourcesConfig(), 10, Nodes(ONE_GPU), {"CPU": 10, "GPU": 1}),  # gpu.yaml: one group, one GPU
+        (ResourcesConfig(gpus_per_member=0.25), 4, Nodes(ONE_GPU), {"CPU": 4, "GPU": 1}),  # 4 quarters
+        (ResourcesConfig(gpus_per_member=2), 1, Nodes(ONE_GPU), {"CPU": 1, "GPU": 2}),  # more than one GPU
+        (ResourcesConfig(), 10, Nodes(LAPTOP), {"CPU": 2, "GPU": 0}),  # the members share a node's cores
+        (ResourcesConfig(cpus_per_member=4), 3, Nodes(LAPTOP), {"CPU": 4, "GPU": 0}),  # a member's own ask
     ],
 )
 def test_a_groups_worker_asks_for_its_members_cpus_a_node_at_most_and_one_device(resources, size, nodes, asks):
     assert group_resources(resources, size, nodes) == asks
 
 
-def test_a_worker_fits_a_node_the_cluster_has_or_its_autoscaler_may_add_and_else_stops_in_one_line() -> None:
-    check_fits({"CPU": 2, "GPU": 0}, Nodes(LAPTOP, []), "a member")
-    check_fits({"CPU": 8, "GPU": 1}, GPU_HEAD_ONLY, "a group of 8 members")  # a GPU node the autoscaler adds
+def test_a_worker_no_node_holds_waits_where_the_cluster_may_add_one_and_else_stops_in_one_line() -> None:
+    assert check_fits({"CPU": 2, "GPU": 0}, Nodes(LAPTOP), "a member") is None
     with pytest.raises(ConfigError) as error:
-        check_fits({"CPU": 1, "GPU": 1}, Nodes(LAPTOP, []), "a member")
+        check_fits({"CPU": 1, "GPU": 1}, Nodes(LAPTOP), "a member")  # a cluster that adds no nodes
     assert str(error.value) == (
         "a member needs 1 CPU and 1 GPU on one node, but no node of this cluster has that (its nodes: 2 CPU, "
         "0 GPU); set resources.gpus_per_member to 0 or auto"
     )
-    too_many = r"its autoscaler may add nodes of 1 kinds\); lower resources.cpus_per_member \(a node has 8 CPU"
-    with pytest.raises(ConfigError, match=too_many):
-        check_fits({"CPU": 16, "GPU": 1}, GPU_HEAD_ONLY, "a group of 16 members")
+    with pytest.raises(ConfigError, match=r"\(its nodes: 4 CPU, 0 GPU\); lower resources.cpus_per_member \(a node"):
+        check_fits({"CPU": 16, "GPU": 0}, Nodes(HEAD), "a group of 16 members")
+    needs = "a group of 8 members needs 8 CPU and 1 GPU on one node, but no node of this cluster has that (its nodes: "
+    needs += "4 CPU, 0 GPU): it waits for the cluster's autoscaler to add one"
+    assert check_fits({"CPU": 8, "GPU": 1}, Nodes(HEAD, grows=True), "a group of 8 members") == (
+        f"{needs} (resources.autoscaling is true)"
+    )
+    assert check_fits({"CPU": 8, "GPU": 1}, Nodes(HEAD, grows=None), "a group of 8 members") == (
+        f"{needs}, for resources.wait_seconds with nothing running (resources.autoscaling=true: for as long as it "
+        "takes; false: stop at once)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import time
@@ -161,7 +162,7 @@ def test_ray_storage_layer_on_the_same_location(s3: S3Bucket, tmp_path: Path) ->
     assert "members/m0/.validate_storage_marker" in s3.files()
 
 
-def test_an_s3_output_dir_is_held_by_a_lease_that_another_run_takes_over_only_once_stale(
+def test_an_s3_output_dir_is_held_by_a_lease_that_another_run_takes_over_once_stale_or_its_process_is_gone(
     s3: S3Bucket, monkeypatch
 ) -> None:
     """Object stores have no locks: a lease object names the holder, whose heartbeat keeps it."""
@@ -185,3 +186,12 @@ def test_an_s3_output_dir_is_held_by_a_lease_that_another_run_takes_over_only_on
     with OutputDirHold(storage) as second:
         assert second.taken_over == dead
         assert hold.read_lease(storage)["token"] == second.token
+
+    # A run of this host that crashed: its heartbeat is fresh but its process is gone, so the rerun of the same
+    # command takes the dir over at once.
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    crashed = {"host": socket.gethostname(), "pid": ended.pid, "since": time.time(), "token": "crashed"}
+    storage.write_text(json.dumps(crashed | {"heartbeat": time.time()}), hold.LEASE_FILE)
+    with OutputDirHold(storage) as third:
+        assert third.taken_over["token"] == "crashed"
