@@ -194,7 +194,7 @@ def member_files(
 
 def write_checkpoint(root: Path, done: bool, members: dict[str, MemberFiles]) -> None:
     """Write a group's checkpoint into the empty folder `root`: its status, and a folder per member."""
-    (root / GROUP_FILE).write_text(json.dumps({"done": done}))
+    (root / GROUP_FILE).write_text(json.dumps({"done": done}))  # read back by _is_final
     for name, files in members.items():
         (root / name).mkdir()
         for file, contents in files.items():
@@ -203,7 +203,7 @@ def write_checkpoint(root: Path, done: bool, members: dict[str, MemberFiles]) ->
 
 def checkpoint_done(directory: Path) -> bool:
     """Whether the group's checkpoint in a local `directory` is its final one."""
-    return json.loads((directory / GROUP_FILE).read_text())["done"]
+    return _is_final((directory / GROUP_FILE).read_text())
 
 
 def final_checkpoint(storage: Storage, group: str) -> str | None:
@@ -218,7 +218,7 @@ def final_checkpoint(storage: Storage, group: str) -> str | None:
     if checkpoint is None:
         return None
     folder = storage.relative(checkpoint.path)
-    return folder if json.loads(storage.read_text(folder, GROUP_FILE))["done"] else None
+    return folder if _is_final(storage.read_text(folder, GROUP_FILE)) else None
 
 
 def member_checkpoint(storage: Storage, folder: str) -> ray.train.Checkpoint:
@@ -268,6 +268,11 @@ def _read(member: str, folder: str, name: str, read: Callable[[Path], T], direct
     except Exception as error:  # whatever the reader raises for a file it cannot read: zip, npz, JSON, Keras
         reason = (str(error).strip().splitlines() or [""])[0][:160]
         raise ConfigError(f"{member}: {folder}/{name} cannot be read ({type(error).__name__}: {reason})") from None
+
+
+def _is_final(group_status: str) -> bool:
+    """Whether a checkpoint's GROUP_FILE, as write_checkpoint wrote it, marks the group done."""
+    return json.loads(group_status)["done"]
 
 
 def _arrays(path: Path) -> dict[str, np.ndarray]:
