@@ -38,7 +38,10 @@ from ensemble.resources import Nodes
 from ensemble.storage import Storage
 
 # A trial only waits on its Ray Train run, whose worker holds the CPUs and GPUs: the trial holds memory alone.
-TRIAL_MEMORY_BYTES = 512 * 1024**2
+# It runs on the head node, as Ray Train's own state actor does (the head's resource `node:__internal_head__`).
+# Ray Train starts a run's controller on its trial's node, so a worker node that is lost takes only its workers
+# with it, and the controller restarts the group from its last checkpoint on another node.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 512 * 1024**2, "node:__internal_head__": 0.001}
 WATCH_SECONDS = 5.0  # how often ResourceWatch asks Ray's state API what is pending
 
 
@@ -338,8 +341,7 @@ def fit_trials(
             "data_ref": (ray.put(data),),
             "board": lines.board,
         }
-        trial_resources = {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
-        trainable = tune.with_resources(tune.with_parameters(trainable, **parameters), trial_resources)
+        trainable = tune.with_resources(tune.with_parameters(trainable, **parameters), TRIAL_RESOURCES)
         experiment = f"{storage_path}/{name}"
         if resume and tune.Tuner.can_restore(experiment, storage_filesystem=storage.filesystem):
             lines.say(f"resuming the {name} found in the output dir")

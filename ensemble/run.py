@@ -87,7 +87,12 @@ def train_and_write(
     compiling = 0.0
     for number in range(config.ensemble.pseudo_label.rounds + 1):
         finished, failed, stopped = train_round(driver, run_tracking, groups, data, number)
-        if problem := stopped or round_failures(driver, finished, failed, len(plan)):
+        # Stopped waiting for resources (say, a node lost, and none left that can hold its group): what finished
+        # is kept all the same.
+        problem = (
+            f"{stopped}; {kept(driver.storage)}" if stopped else round_failures(driver, finished, failed, len(plan))
+        )
+        if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 1
         compiling += groups_compile_seconds(finished)
@@ -270,9 +275,13 @@ def round_failures(
     required = driver.config.ensemble.min_members or driver.config.ensemble.members
     if len(finished) >= required:
         return None
+    return f"{len(finished)} of {planned} members finished, {required} needed to vote; {kept(driver.storage)}"
+
+
+def kept(storage: Storage) -> str:
+    """What a run that stopped before its vote keeps, and how to go on."""
     return (
-        f"{len(finished)} of {planned} members finished, {required} needed to vote; finished members are kept "
-        f"under {driver.storage.location}/{MEMBERS_DIR}; rerun the same command to resume the others"
+        f"finished members are kept under {storage.location}/{MEMBERS_DIR}; rerun the same command to resume the others"
     )
 
 

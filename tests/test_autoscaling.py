@@ -2,9 +2,12 @@
 
 The cluster is the one cluster/README.md starts ("Try the cluster flow on one machine"): a head of 1 CPU and no
 GPU, as cluster/aws-gpu.yaml's, and nodes of 1 CPU and 1 GPU (in Ray's accounting: no GPU is needed) that the
-autoscaler adds when something waits for one, up to MAX_GPU_NODES. It is the test's own (own_environment, token
+autoscaler adds when something waits for one, up to two. It is the test's own (own_environment, token
 auth on); its head is a `ray start --block` in its own process group, ended by signalling that group, and what
 the autoscaler started (in sessions of their own) by pid.
+
+Not tested here: the GPU nodes going once idle. Ray Train's request for its workers' resources outlives the run
+by its three-minute expiry (measured by hand: the last GPU node went 185 s after the run), too long for CI.
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ import yaml
 from ensemble.launch import free_port
 
 from .conftest import REPO
-from .helpers import own_environment
+from .helpers import TRAIN_WORKER_TITLE, EnsembleProcess, own_environment
 
 pytestmark = pytest.mark.timeout(600)
 
 BIN = Path(sys.executable).parent
-MAX_GPU_NODES = 2  # as the config in cluster/README.md says
-RUN = ["--config", "configs/quickstart.yaml", "--set", "ensemble.members=2", "--set", "train.max_epochs=1"]
-RUN += ["--set", "data.max_train_rows=600", "--set", "resources.gpus_per_member=1"]
+# One member at a time, so that the one Ray Train worker is the one whose epoch lines are printed; enough epochs
+# that a node lost after the first line is lost in the middle of its member's training.
+RUN = ["--config", "configs/quickstart.yaml", "--set", "ensemble.members=2", "--set", "train.max_epochs=6"]
+RUN += ["--set", "data.max_train_rows=1500", "--set", "resources.gpus_per_member=1"]
+RUN += ["--set", "resources.max_parallel_members=1"]
 
 
 def autoscaling_config(gcs_address: str) -> dict:
@@ -54,15 +59,25 @@ class Cluster:
     env: dict[str, str]  # the cluster's environment, with RAY_ADDRESS: a run started with it joins the cluster
     address: str
 
-    def ensemble_run(self, output: Path, *args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "ensemble.run", *RUN, "--output-dir", str(output), *args]
-        return subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=400)
-
     def gpu_nodes(self) -> int:
         """The GPU nodes the autoscaler has running, as `ray status` counts them."""
         status = subprocess.run([BIN / "ray", "status", "--address", self.address], env=self.env, capture_output=True)
         found = re.search(rb"^\s*(\d+) ray\.worker\.gpu$", status.stdout, flags=re.MULTILINE)
         return int(found.group(1)) if found else 0
+
+
+def cluster_processes(base: Path) -> dict[int, tuple[int, str]]:
+    """Every process of the cluster (those that run with its temp dir): pid -> (parent pid, command line)."""
+    processes = {}
+    for process in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if f"RAY_TMPDIR={base}\0".encode() in (process / "environ").read_bytes() + b"\0":
+                parent = int((process / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                processes[int(process.name)] = (
+                    parent,
+                    (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(),
+                )
+    return processes
 
 
 def end_cluster(head: subprocess.Popen, base: Path) -> None:
@@ -71,11 +86,9 @@ def end_cluster(head: subprocess.Popen, base: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGKILL)
     head.wait(30)
-    mark = f"RAY_TMPDIR={base}\0".encode()
-    for process in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if mark in (process / "environ").read_bytes() + b"\0":
-                os.kill(int(process.name), signal.SIGKILL)
+    for pid in cluster_processes(base):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +125,52 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_members_wait_for_the_gpu_nodes_the_autoscaler_adds_and_train_there(cluster: Cluster) -> None:
+def kill_node_of_train_worker(base: Path) -> str:
+    """SIGKILL the node that runs the cluster's one Ray Train worker, as a machine that is lost: its raylet and every
+    process the raylet started (the workers). Returns the node's id."""
+    processes = cluster_processes(base)
+    (worker,) = [pid for pid, (_, command) in processes.items() if command.startswith(TRAIN_WORKER_TITLE)]
+    raylet = processes[worker][0]
+    node_id = re.search(r"--node_id=(\w+)", processes[raylet][1])[1]
+    doomed, grown = {raylet}, True
+    while grown:
+        below = {pid for pid, (parent, _) in processes.items() if parent in doomed}
+        grown = not below <= doomed
+        doomed |= below
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return node_id
+
+
+def test_members_wait_for_the_nodes_the_autoscaler_adds_and_one_whose_node_is_lost_resumes_on_another(
+    cluster: Cluster,
+) -> None:
+    """Two members, each in a worker of its own on a GPU node that the autoscaler adds for it. member-00's node is
+    lost after its first epoch line: Ray Train, whose controller runs on the head with the group's trial,
+    restarts that group from its last checkpoint on another GPU node, which the autoscaler adds."""
     output = cluster.base / "runs" / "grows"
-    result = cluster.ensemble_run(output, "--set", "resources.max_parallel_members=2")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    run = EnsembleProcess(*RUN, "--output-dir", str(output), env=cluster.env)
+    run.wait_for(r"^member-00 epoch 1:", timeout=300)
+    lost = kill_node_of_train_worker(cluster.base)
+    assert run.finish(300) == 0, run.output[-3000:]
+    lines = run.output.splitlines()
     waits = (
         "a member needs 1 CPU and 1 GPU on one node, but no node of this cluster has that (its nodes: 1 CPU, 0 GPU): "
         "it waits for the cluster's autoscaler to add one, for resources.wait_seconds with nothing running"
     )
-    assert any(line.startswith(waits) for line in lines), result.stdout[-3000:]
     first_epoch = next(index for index, line in enumerate(lines) if " epoch 1:" in line)
-    assert lines.index(next(line for line in lines if line.startswith(waits))) < first_epoch
-    assert "WARNING" not in result.stdout + result.stderr
+    assert any(line.startswith(waits) for line in lines[:first_epoch]), run.output[-3000:]
+    assert "WARNING" not in run.output
 
-    # Both members trained, each in a worker of its own on a GPU node the autoscaler added for it.
+    # member-00 said it resumed; no printed epoch of either member was trained again.
+    resumed = [line for line in lines if re.fullmatch(r"member-0[01]: resuming after epoch [1-5]", line)]
+    assert len(resumed) == 1 and resumed[0].startswith("member-00: "), run.output[-3000:]
+    for name in ("member-00", "member-01"):
+        epochs = [line.split()[2] for line in lines if line.startswith(f"{name} epoch ")]
+        assert epochs == [f"{epoch}:" for epoch in range(1, 7)], run.output[-3000:]
+    # Each member trained to the end on a GPU node the autoscaler added, the lost one's member elsewhere.
     members = json.loads((output / "report.json").read_text())["members"]
     assert [member["name"] for member in members] == ["member-00", "member-01"]
-    assert len({member["node_id"] for member in members}) == 2
-    assert all(member["gpus"] == ["0"] for member in members)
-    assert cluster.gpu_nodes() == MAX_GPU_NODES
+    assert all(member["node_id"] != lost and member["gpus"] == ["0"] for member in members)
     assert len((output / "submission.csv").read_text().splitlines()) == 1001

@@ -24,9 +24,11 @@ import pytest
 
 from ensemble.data import write_kaggle_csv
 from ensemble.launch import free_port
+from ensemble.rundir import final_checkpoint
+from ensemble.storage import Storage
 
 from .conftest import REPO
-from .helpers import own_environment
+from .helpers import EnsembleProcess, own_environment
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -43,6 +45,7 @@ class Cluster:
     address: str  # host:port of the head (GCS)
     dashboard: str  # the address `ray job submit` takes
     data: Path  # Kaggle-format train.csv and test.csv, where every node sees them
+    node_b: subprocess.Popen  # node B's `ray start --block`, the leader of its process group
     node_b_isolated: bool  # whether node B runs with `hidden` hidden from it
 
     def ensemble_run(self, output: Path, *args: str) -> subprocess.CompletedProcess:
@@ -129,7 +132,7 @@ def cluster(sample):
         while alive_nodes(node_env, f"127.0.0.1:{port}") < 2:
             assert time.monotonic() < deadline, (base / "node-b.log").read_text()[-3000:]
             time.sleep(3)
-        yield Cluster(base, env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", data, isolated)
+        yield Cluster(base, env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", data, nodes[1], isolated)
     finally:
         for node in reversed(nodes):
             stop_node(node)
@@ -224,25 +227,9 @@ def test_a_worker_that_cannot_see_the_output_dir_stops_its_member_at_once(cluste
     assert not list(output.glob("members/member-00/checkpoint_*"))  # it stopped before training
 
 
-# Another job's actor that holds node B's one GPU until this script's stdin closes.
-GPU_HOLDER = """
-import sys, ray
-ray.init()
-@ray.remote(num_gpus=1, num_cpus=0)
-class Holder:
-    def ready(self):
-        return True
-actor = Holder.remote()
-ray.get(actor.ready.remote())
-print("holding", flush=True)
-sys.stdin.read()
-"""
-
-
-def test_what_no_node_can_hold_stops_at_once_and_a_wait_with_nothing_running_is_said(cluster: Cluster) -> None:
-    """Node B has the cluster's one GPU (Ray's fake one): two per member can never be met on a cluster said not
-    to grow; one, while another job holds it, waits with nothing running, is said, and the run stops, since
-    the run cannot know whether a cluster it joined has an autoscaler (tests/test_autoscaling.py: one that has)."""
+def test_what_no_node_can_hold_stops_at_once(cluster: Cluster) -> None:
+    """Node B has the cluster's one GPU (Ray's fake one): two per member can never be met on a cluster said not to
+    grow. (A wait with nothing running, and its line: the next test; a cluster that grows: test_autoscaling.py.)"""
     output = cluster.base / "visible" / "too-big"
     result = cluster.ensemble_run(
         output, "--set", "resources.gpus_per_member=2", "--set", "resources.autoscaling=false"
@@ -252,28 +239,33 @@ def test_what_no_node_can_hold_stops_at_once_and_a_wait_with_nothing_running_is_
         "error: a member needs 1 CPU and 2 GPU on one node, but no node of this cluster has that (its nodes: "
         "1 CPU, 0 GPU; 1 CPU, 1 GPU); lower resources.gpus_per_member (a node has 1 GPU at most)"
     ]
-    assert not output.exists()
 
-    env = cluster.env | {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", GPU_HOLDER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        output = cluster.base / "visible" / "waits"
-        result = cluster.ensemble_run(
-            output, "--set", "resources.gpus_per_member=1", "--set", "resources.wait_seconds=10",
-            "--set", "ensemble.members=1",
-        )  # fmt: skip
-    finally:
-        holder.stdin.close()
-        holder.wait(60)
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    errors = result.stderr.splitlines()
+
+def test_a_lost_node_whose_group_no_other_node_can_take_keeps_the_finished_members(cluster: Cluster) -> None:
+    """Last in this file: it ends node B. Each member is a group of its own on node B's one GPU, one after
+    another. Node B is lost (its raylet and workers killed) while member-01 trains, after its epoch 1 line: the
+    head has no GPU, so no node can take member-01's group, which waits with nothing running. The run cannot know
+    whether a cluster it joined has an autoscaler, so after resources.wait_seconds it stops. (Another node that
+    can take the group: tests/test_autoscaling.py.)"""
+    output = cluster.base / "visible" / "lost"
+    run = EnsembleProcess(
+        "--config", "configs/quickstart.yaml", "--data-dir", str(cluster.data), "--output-dir", str(output),
+        "--set", "resources.gpus_per_member=1", "--set", "resources.members_per_worker=1",
+        "--set", "ensemble.members=2", "--set", "train.max_epochs=3", "--set", "resources.wait_seconds=3",
+        env=cluster.env | {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"},
+    )  # fmt: skip
+    run.wait_for(r"^member-01 epoch 1:", timeout=300)
+    os.killpg(cluster.node_b.pid, signal.SIGKILL)  # its process group: `ray start`, the raylet, the workers
+    assert run.finish(300) == 1, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.fullmatch(
-        r"error: members have waited \d+ s for a worker of 1 CPU and 1 GPU, with nothing running; the cluster "
-        r"has [\d.]+ CPU and 0 GPU free, and no node was added meanwhile \(resources.wait_seconds\); if the "
-        r"cluster's autoscaler is still starting one, set resources.autoscaling=true to wait for it",
+        r"error: members have waited \d+ s for a worker of 1 CPU and 1 GPU, with nothing running; the cluster has "
+        r"[\d.]+ CPU and 0 GPU free, and no node was added meanwhile \(resources.wait_seconds\); if the cluster's "
+        r"autoscaler is still starting one, set resources.autoscaling=true to wait for it; finished members are "
+        rf"kept under {re.escape(str(output))}/members; rerun the same command to resume the others",
         errors[0],
-    ), result.stderr[-3000:]
-    assert " epoch " not in result.stdout and not (output / "report.json").exists()
+    ), run.output[-3000:]
+    storage = Storage(str(output))
+    assert final_checkpoint(storage, "group-00")  # member-00 finished before node B was lost: kept
+    assert not final_checkpoint(storage, "group-01") and list((output / "members" / "group-01").glob("checkpoint_*"))
+    assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
