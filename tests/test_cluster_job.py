@@ -8,6 +8,7 @@ which one directory, `hidden`, is an empty tmpfs: the head sees files there that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import pytest
 
 from ensemble.data import write_kaggle_csv
 from ensemble.launch import free_port
-from ensemble.rundir import final_checkpoint
+from ensemble.rundir import final_checkpoint, read_state
 from ensemble.storage import Storage
 
 from .conftest import REPO
@@ -193,23 +194,6 @@ def most_at_once(members: list[dict]) -> int:
     return peak
 
 
-def test_half_a_gpu_each_in_workers_of_their_own_trains_two_members_at_once(cluster: Cluster) -> None:
-    """(Members in one group on a GPU is the job above.)"""
-    output = cluster.base / "visible" / "gpus-0.5"
-    result = cluster.ensemble_run(
-        output, "--set", "resources.gpus_per_member=0.5", "--set", "resources.cpus_per_member=0.5",
-        "--set", "resources.members_per_worker=1",
-        "--set", "ensemble.members=2", "--set", "train.max_epochs=1", "--set", "data.max_train_rows=600",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    members = json.loads((output / "report.json").read_text())["members"]
-    assert json.loads((output / "groups.json").read_text()) == [[0], [1]]
-    assert most_at_once(members) == 2
-    # Only node B has a GPU: both members ran there, each in its own worker, sharing Ray's GPU 0.
-    assert len({member["node_id"] for member in members}) == 1
-    assert all(member["gpus"] == ["0"] for member in members)
-
-
 def test_a_worker_that_cannot_see_the_output_dir_stops_its_member_at_once(cluster: Cluster) -> None:
     if not cluster.node_b_isolated:
         pytest.skip("no mount namespaces here (unshare --mount): every node sees every path")
@@ -241,31 +225,44 @@ def test_what_no_node_can_hold_stops_at_once(cluster: Cluster) -> None:
     ]
 
 
-def test_a_lost_node_whose_group_no_other_node_can_take_keeps_the_finished_members(cluster: Cluster) -> None:
-    """Last in this file: it ends node B. Each member is a group of its own on node B's one GPU, one after
-    another. Node B is lost (its raylet and workers killed) while member-01 trains, after its epoch 1 line: the
-    head has no GPU, so no node can take member-01's group, which waits with nothing running. The run cannot know
-    whether a cluster it joined has an autoscaler, so after resources.wait_seconds it stops. (Another node that
-    can take the group: tests/test_autoscaling.py.)"""
+def test_half_a_gpu_each_trains_two_members_at_once_and_a_lost_node_keeps_the_finished_ones(cluster: Cluster) -> None:
+    """Last in this file: it ends node B. Three members, each in a worker of its own with half of node B's one GPU
+    (members in one group on a GPU: the job above): member-00 and member-01 train at once, then member-02. Node B
+    is lost (its raylet and workers killed) while member-02 trains, after its epoch 1 line. The head has no GPU,
+    so no node can take member-02's group, which waits with nothing running; the run cannot know whether a
+    cluster it joined has an autoscaler, so after resources.wait_seconds it stops. (Another node that can take
+    the group: tests/test_autoscaling.py.)"""
     output = cluster.base / "visible" / "lost"
     run = EnsembleProcess(
         "--config", "configs/quickstart.yaml", "--data-dir", str(cluster.data), "--output-dir", str(output),
-        "--set", "resources.gpus_per_member=1", "--set", "resources.members_per_worker=1",
-        "--set", "ensemble.members=2", "--set", "train.max_epochs=3", "--set", "resources.wait_seconds=3",
+        "--set", "resources.gpus_per_member=0.5", "--set", "resources.cpus_per_member=0.5",
+        "--set", "resources.members_per_worker=1", "--set", "ensemble.members=3", "--set", "train.max_epochs=3",
+        "--set", "resources.wait_seconds=3",
         env=cluster.env | {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"},
     )  # fmt: skip
-    run.wait_for(r"^member-01 epoch 1:", timeout=300)
+    run.wait_for(r"^member-02 epoch 1:", timeout=300)
     os.killpg(cluster.node_b.pid, signal.SIGKILL)  # its process group: `ray start`, the raylet, the workers
     assert run.finish(300) == 1, run.output[-3000:]
     errors = [line for line in run.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.fullmatch(
-        r"error: members have waited \d+ s for a worker of 1 CPU and 1 GPU, with nothing running; the cluster has "
-        r"[\d.]+ CPU and 0 GPU free, and no node was added meanwhile \(resources.wait_seconds\); if the cluster's "
-        r"autoscaler is still starting one, set resources.autoscaling=true to wait for it; finished members are "
-        rf"kept under {re.escape(str(output))}/members; rerun the same command to resume the others",
+        r"error: members have waited \d+ s for a worker of 0.5 CPU and 0.5 GPU, with nothing running; the cluster "
+        r"has [\d.]+ CPU and 0 GPU free, and no node was added meanwhile \(resources.wait_seconds\); if the "
+        r"cluster's autoscaler is still starting one, set resources.autoscaling=true to wait for it; finished "
+        rf"members are kept under {re.escape(str(output))}/members; rerun the same command to resume the others",
         errors[0],
     ), run.output[-3000:]
-    storage = Storage(str(output))
-    assert final_checkpoint(storage, "group-00")  # member-00 finished before node B was lost: kept
-    assert not final_checkpoint(storage, "group-01") and list((output / "members" / "group-01").glob("checkpoint_*"))
     assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
+
+    # member-00 and member-01 finished before node B was lost, and are kept: they trained at once, both on node
+    # B, each in its own worker, sharing Ray's GPU 0. member-02 has checkpoints, not a final one.
+    assert json.loads((output / "groups.json").read_text()) == [[0], [1], [2]]
+    storage = Storage(str(output))
+    finished = []
+    for member, group in (("member-00", "group-00"), ("member-01", "group-01")):
+        folder = final_checkpoint(storage, group)
+        assert folder, run.output[-3000:]
+        _, where = read_state(member, f"{folder}/{member}", output / folder / member)
+        finished.append(dataclasses.asdict(where))
+    assert most_at_once(finished) == 2
+    assert len({where["node_id"] for where in finished}) == 1 and all(where["gpus"] == ["0"] for where in finished)
+    assert not final_checkpoint(storage, "group-02") and list((output / "members" / "group-02").glob("checkpoint_*"))
