@@ -95,7 +95,7 @@ class Progress(tune.Callback):
         for member, epochs in result.get("epochs", {}).items():
             for metrics in epochs:
                 self.say(epoch_line(self.name_of(run, member), metrics))
-        if result.get("done"):
+        if result.get("final"):
             self.finished.update(self.name_of(run, member) for member in result["members"])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -168,7 +168,7 @@ def results_table(
                 "epochs": metrics.get("epoch"),
                 # Trained as far as its member would go: early stopping's final report, or every epoch (ASHA's
                 # last rung may stop a trial right after its last epoch). Else ASHA stopped it, or an error.
-                "finished": bool(metrics.get("done"))
+                "finished": bool(metrics.get("final"))
                 or metrics.get("epoch") == result.config.get("train.max_epochs", max_epochs),
                 "seconds": round(metrics.get("time_total_s", 0.0), 1),
                 "ended_at": metrics.get("timestamp"),

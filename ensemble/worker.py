@@ -224,7 +224,10 @@ class GroupCheckpoints:
             "run": self.name,
             "members": [member.spec.name for member in self.members],
             "epochs": {name: list(lines) for name, lines in self.unreported.items() if lines},
-            "done": final is not None,
+            # Not "done": Tune ends a trial at a result with done=True, killing its process, and so this run's
+            # controller, before the controller cleans up (it cancels its request to the autoscaler, whose
+            # nodes would otherwise stay for the request's three minutes).
+            "final": final is not None,
         }
         with tempfile.TemporaryDirectory() as root:
             rundir.write_checkpoint(Path(root), final is not None, files)
