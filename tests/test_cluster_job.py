@@ -29,7 +29,7 @@ from ensemble.rundir import final_checkpoint, read_state
 from ensemble.storage import Storage
 
 from .conftest import REPO
-from .helpers import EnsembleProcess, own_environment
+from .helpers import NARROW, EnsembleProcess, own_environment
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -237,7 +237,7 @@ def test_half_a_gpu_each_trains_two_members_at_once_and_a_lost_node_keeps_the_fi
         "--config", "configs/quickstart.yaml", "--data-dir", str(cluster.data), "--output-dir", str(output),
         "--set", "resources.gpus_per_member=0.5", "--set", "resources.cpus_per_member=0.5",
         "--set", "resources.members_per_worker=1", "--set", "ensemble.members=3", "--set", "train.max_epochs=3",
-        "--set", "resources.wait_seconds=3",
+        "--set", "resources.wait_seconds=3", *NARROW,
         env=cluster.env | {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"},
     )  # fmt: skip
     run.wait_for(r"^member-02 epoch 1:", timeout=300)

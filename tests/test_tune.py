@@ -14,7 +14,7 @@ import yaml
 from ensemble.config import load_config
 
 from .conftest import REPO
-from .helpers import own_ray_environment
+from .helpers import NARROW, own_ray_environment
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -40,6 +40,7 @@ def test_a_tiny_search_writes_a_config_that_ensemble_run_takes_and_resumes(tmp_p
     output = tmp_path / "search"
     args = ["--config", "configs/quickstart.yaml", "--space", str(space), "--samples", "2"]
     args += ["--output-dir", str(output), "--set", "train.max_epochs=2", "--set", "data.max_train_rows=1500"]
+    args += NARROW
     result = tune(*args)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -59,7 +60,7 @@ def test_a_tiny_search_writes_a_config_that_ensemble_run_takes_and_resumes(tmp_p
     best = load_config(output / "best.yaml")
     assert best.train.learning_rate == float(rows[0]["train.learning_rate"])
     assert best.augment.rotation == 10.0 * float(rows[0]["augment.scale"])
-    assert best.model.width == 0.125 and best.ensemble.members == 3 and best.data.max_train_rows is None
+    assert best.model.width == 0.0625 and best.ensemble.members == 3 and best.data.max_train_rows is None
     dry_run = subprocess.run(
         [sys.executable, "-m", "ensemble.run", "--config", str(output / "best.yaml"), "--dry-run"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
