@@ -29,7 +29,7 @@ import yaml
 from ensemble.launch import free_port
 
 from .conftest import REPO
-from .helpers import NARROW, TRAIN_WORKER_TITLE, EnsembleProcess, own_environment
+from .helpers import TRAIN_WORKER_TITLE, EnsembleProcess, own_environment
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 # that a node lost after the first line is lost in the middle of its member's training.
 RUN = ["--config", "configs/quickstart.yaml", "--set", "ensemble.members=2", "--set", "train.max_epochs=6"]
 RUN += ["--set", "data.max_train_rows=1500", "--set", "resources.gpus_per_member=1"]
-RUN += ["--set", "resources.max_parallel_members=1", *NARROW]
+RUN += ["--set", "resources.max_parallel_members=1"]
 
 
 def autoscaling_config(gcs_address: str) -> dict:

@@ -20,19 +20,19 @@ from ensemble.storage import Storage
 from ensemble.vote import vote
 
 from .conftest import REPO
-from .helpers import NARROW, EnsembleProcess
+from .helpers import EnsembleProcess
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
 pytestmark = pytest.mark.timeout(1500)
 
-# The quickstart on a slice of its digits, narrow: each epoch a second or two, members that learn well above chance.
+# The quickstart on a slice of its digits: each epoch a few seconds, members that learn well above chance.
 # Its 3 folds of the 875 pool images: member i validates on about 292 and trains on about 583. At 9 steps an
 # epoch, BatchNorm's moving statistics must follow the batches at once: at the quickstart's 0.9 they still hold
 # most of their initial values after two epochs, and validation sits at chance. 200 test digits: on a CPU, mixed
 # bfloat16 runs some 10x slower than float32 (a training step at 1/8 width: 514 ms against 54), predictions too.
 SMALL = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=1000", "--set", "train.patience=10"]
-SMALL += ["--set", "model.bn_momentum=0.6", "--set", "data.max_test_rows=200", *NARROW]
+SMALL += ["--set", "model.bn_momentum=0.6", "--set", "data.max_test_rows=200"]
 
 
 def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_path: Path) -> None:

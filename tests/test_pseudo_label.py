@@ -19,7 +19,7 @@ import pytest
 
 from ensemble.data import load_sample
 
-from .helpers import NARROW, EnsembleProcess, checkpoint_files, planned_and_reported
+from .helpers import EnsembleProcess, checkpoint_files, planned_and_reported
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -29,7 +29,6 @@ ARGS = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=200
 ARGS += ["--set", "ensemble.members=2", "--set", "data.folds=0", "--set", "train.max_epochs=2"]
 ARGS += ["--set", "train.patience=2", "--set", "ensemble.pseudo_label.rounds=1"]
 ARGS += ["--set", "ensemble.pseudo_label.threshold=0.9", "--set", "train.backend=jax", "--set", "ensemble.tta=2"]
-ARGS += NARROW
 EPOCH = re.compile(
     r"^(member-\d\d(?:-round-1)?) epoch (\d): loss [\d.]+ accuracy [\d.]+ \([\d.]+s(?:, compiling [\d.]+s)?\)$",
     re.MULTILINE,

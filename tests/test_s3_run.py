@@ -16,14 +16,14 @@ from ensemble.data import write_kaggle_csv
 from ensemble.launch import free_port
 
 from .conftest import REPO
-from .helpers import NARROW, EnsembleProcess, own_ray_environment
+from .helpers import EnsembleProcess, own_ray_environment
 from .s3_server import CREDENTIALS, REGION, S3Bucket, s3_server
 from .s3_server import s3_bucket as s3_bucket  # the module's S3 server (re-export: a fixture)
 
 pytestmark = pytest.mark.timeout(600)
 
 RUN = ["--config", "configs/quickstart.yaml", "--set", "ensemble.members=2", "--set", "train.max_epochs=3"]
-RUN += ["--set", "data.max_train_rows=1000", "--set", "data.max_test_rows=200", *NARROW]
+RUN += ["--set", "data.max_train_rows=1000", "--set", "data.max_test_rows=200"]
 RUN += ["--set", "model.bn_momentum=0.6"]  # BatchNorm's statistics settle within the few steps of 3 short epochs
 EPOCH = re.compile(r"^(member-\d\d) epoch (\d+):", re.MULTILINE)
 
