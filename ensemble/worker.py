@@ -216,6 +216,7 @@ class GroupCheckpoints:
     def report(self, final: list[tuple[WhereTrained, Predictions]] | None = None) -> None:
         """A checkpoint of every member; `final` (one per member) makes it the group's last: the group is done."""
         started = time.perf_counter()
+        done = final is not None
         files = {
             member.spec.name: checkpoint_files(member, final and final[position])
             for position, member in enumerate(self.members)
@@ -227,10 +228,10 @@ class GroupCheckpoints:
             # Not "done": Tune ends a trial at a result with done=True, killing its process, and so this run's
             # controller, before the controller cleans up (it cancels its request to the autoscaler, whose
             # nodes would otherwise stay for the request's three minutes).
-            "final": final is not None,
+            "final": done,
         }
         with tempfile.TemporaryDirectory() as root:
-            rundir.write_checkpoint(Path(root), final is not None, files)
+            rundir.write_checkpoint(Path(root), done, files)
             checkpoint = ray.train.Checkpoint.from_directory(root)
             ray.train.report(metrics | latest(self.members), checkpoint=checkpoint)
         for lines in self.unreported.values():

@@ -34,8 +34,8 @@ TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 # For runs that test what the run does, not how well it learns: the reference CNN at 1/16 width (conv channels 16,
 # 32 and 64, against the quickstart's 32, 64 and 128). Its epochs take some 2.3x less time on 2 cores, and its members
 # still score 0.9 and more on the quickstart's digits. Not for a run killed after an epoch line to be resumed: its
-# epochs are so short that the group may finish in the second or two the line takes to be printed (seen once in 4
-# runs of tests/test_cluster_job.py's lost node).
+# epochs are so short that the group may finish in the second or two the line takes to be printed (seen in
+# tests/test_cluster_job.py's lost node, in both runs of the whole file whose result was read).
 NARROW = ["--set", "model.width=0.0625"]
 
 
