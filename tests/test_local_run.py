@@ -1,7 +1,8 @@
-"""What stops a run at once, in one line: a RAY_ADDRESS where nothing answers, and a member no node can hold.
+"""What stops a run at once, in one line: a RAY_ADDRESS where nothing answers, and a local Ray that sees no GPU.
 
 (That a local run starts its own Ray whatever a dead cluster left behind, and shows every epoch and
-little else, is tested on the README's quickstart in tests/test_end_to_end.py.)"""
+little else, is tested on the README's quickstart in tests/test_end_to_end.py; a member no node can hold, on
+a local Ray in tests/test_on_gpu_script.py and on a cluster in tests/test_cluster_job.py.)"""
 
 from __future__ import annotations
 
@@ -48,21 +49,6 @@ def test_an_unreachable_cluster_address_fails_at_once_with_one_line(tmp_path: Pa
     errors = result.stderr.splitlines()
     assert len(errors) == 1 and errors[0].startswith(f"error: RAY_ADDRESS={address}: no Ray cluster answers there")
     assert "unset RAY_ADDRESS" in errors[0] and len(errors[0]) < 300
-
-
-def test_a_member_no_node_can_hold_stops_the_local_run_at_once(tmp_path: Path, env: dict[str, str]) -> None:
-    """Ray would wait for a 64-CPU node for ever: the run says what was asked, what there is, and the key."""
-    output = tmp_path / "run"
-    command = [sys.executable, "-m", "ensemble.run", "--config", "configs/quickstart.yaml", "--output-dir", str(output)]
-    command += ["--set", "resources.cpus_per_member=64", "--set", "resources.members_per_worker=1"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and len(ray_sessions(env)) == 1  # its own local Ray, which has no such node
-    cpus = os.cpu_count()
-    assert result.stderr.splitlines() == [
-        f"error: a member needs 64 CPU and 0 GPU on one node, but no node of this cluster has that (its nodes: "
-        f"{cpus} CPU, 0 GPU); lower resources.cpus_per_member (a node has {cpus} CPU at most)"
-    ]
-    assert " epoch " not in result.stdout and not output.exists()
 
 
 def test_a_local_ray_that_sees_no_gpu_on_a_gpu_machine_stops_the_run_at_once(
