@@ -26,7 +26,6 @@ LONGEST_FIRST = [
     "test_pseudo_label.py",
     "test_fault_tolerance.py",
     "test_end_to_end.py",
-    "test_s3_run.py",
     "test_autoscaling.py",
     "test_full_disk.py",
     "test_on_gpu_script.py",

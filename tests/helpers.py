@@ -174,12 +174,3 @@ def planned_and_reported(report: dict, overrides: list[str], round: int = 0) -> 
     plan = plan_members(load_config("configs/quickstart.yaml", overrides).ensemble)
     planned = [dataclasses.asdict(dataclasses.replace(spec, round=round)) for spec in plan]
     return planned, [{key: member[key] for key in planned[0]} for member in report["members"]]
-
-
-def checkpoint_files(group_dir: Path) -> dict[str, bytes]:
-    """Every file of a group's checkpoints, by its path under the group's folder."""
-    return {
-        str(path.relative_to(group_dir)): path.read_bytes()
-        for path in sorted(group_dir.glob("checkpoint_*/**/*"))
-        if path.is_file()
-    }

@@ -1,10 +1,13 @@
-"""Every image put to work: members without a validation split, and a second round on pseudo-labelled test images.
+"""Every image put to work: members without a validation split, and a second round on pseudo-labelled test images,
+in a bucket.
 
-Half the quickstart's digits through the real run, under JAX, on a terminal, the two members in one group:
-round 0 trains them on their whole pool; the test images its ensemble labels with a probability of at
-least 0.9 join round 1's training, whose members vote, over two test-time views. A crash in round 1 costs
-neither round 0 nor round 1's finished epochs. The run is tracked in MLflow, its export as one Keras model
-included. (Under TensorFlow and off a terminal: tests/test_end_to_end.py; members in workers of their own:
+Half the quickstart's digits through the real run, under JAX, on a terminal, the two members in one group,
+the run's output dir a prefix of a real S3-compatible server (moto's, tests/s3_server.py), as on AWS: round 0
+trains the members on their whole pool; the test images its ensemble labels with a probability of at least
+0.9 join round 1's training, whose members vote, over two test-time views. A crash in round 1 costs neither
+round 0 nor round 1's finished epochs: the same command resumes from the bucket. The run is tracked in MLflow,
+its export as one Keras model included, then re-voted and used to predict from the bucket. (Under TensorFlow,
+on local disk and off a terminal: tests/test_end_to_end.py; members in workers of their own:
 tests/test_cluster_job.py.)
 """
 
@@ -12,14 +15,19 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ensemble.data import load_sample
+from ensemble.data import load_sample, write_kaggle_csv
 
-from .helpers import EnsembleProcess, checkpoint_files, planned_and_reported
+from .conftest import REPO
+from .helpers import EnsembleProcess, own_ray_environment, planned_and_reported
+from .s3_server import CREDENTIALS, S3Bucket
+from .s3_server import s3_bucket as s3_bucket  # the module's S3 server (re-export: a fixture)
 
 # Seconds for the whole test, set-up included (default: pyproject.toml): about 3x its time in CI, and more than
 # its commands' own time limits, whose failures say more.
@@ -38,13 +46,28 @@ ROUND = re.compile(r"^round 1: (\d+) of 500 test images, labelled by the ensembl
 LIVE = re.compile(r"(member-0[01]) +epoch \d/2 +step \d+/\d+ +loss [\d.]+ +acc [\d.]+ +[\d,]+ img/s +\d+:\d\d left")
 
 
-def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a_crash(tmp_path: Path) -> None:
-    output, tracking = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
-    args = [*ARGS, "--set", f"tracking.mlflow={tracking}", "--output-dir", str(output)]
-    first = EnsembleProcess(*args, terminal=True)
+def command(module: str, *args: str) -> subprocess.CompletedProcess:
+    with own_ray_environment() as env:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO, env=env | CREDENTIALS, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+
+def group_00_checkpoints(s3: S3Bucket) -> dict[str, bytes]:
+    """Every file of round 0's group's checkpoints in the bucket, by its key."""
+    return {key: s3.read(key) for key in s3.files() if key.startswith("members/group-00/checkpoint_")}
+
+
+def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a_crash_in_a_bucket(
+    s3_bucket: S3Bucket, tmp_path: Path
+) -> None:
+    s3, tracking = s3_bucket.fresh(), f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*ARGS, "--set", f"tracking.mlflow={tracking}", "--output-dir", s3.uri]
+    first = EnsembleProcess(*args, terminal=True, env=CREDENTIALS)
     first.wait_for(r"^member-01-round-1 epoch 1:")
-    first.kill_everything()
-    assert not (output / "report.json").exists()
+    first.kill_everything()  # a crash once round 1's first checkpoint is in the bucket
+    assert "report.json" not in s3.files()
     # Round 0 trained both members, together on this machine's cores, for their whole budget, with no
     # validation score to show; on a terminal, a live line each as they went.
     assert "members train in 1 worker of 2 members, on 2 CPU and 0 GPU" in first.output
@@ -55,20 +78,20 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     added = int(ROUND.search(first.output)[1])
     assert 250 < added < 500  # most test digits, not all: the rest are less sure
 
-    round_0 = checkpoint_files(output / "members" / "group-00")
+    round_0 = group_00_checkpoints(s3)
     assert round_0
 
-    second = EnsembleProcess(*args)
+    second = EnsembleProcess(*args, env=CREDENTIALS)
     assert second.finish() == 0, second.output[-3000:]
     assert "member-00 epoch" not in second.output and "member-01 epoch" not in second.output  # round 0 kept
-    assert checkpoint_files(output / "members" / "group-00") == round_0  # read back, its files as they were
+    assert group_00_checkpoints(s3) == round_0  # read back, its files as they were
     assert "member-00-round-1: resuming after epoch 1" in second.output
     assert {match.groups() for match in EPOCH.finditer(second.output)} == {
         ("member-00-round-1", "2"), ("member-01-round-1", "2"),
     }  # fmt: skip
     assert int(ROUND.search(second.output)[1]) == added  # the same labels, from round 0's saved logits
 
-    report = json.loads((output / "report.json").read_text())
+    report = json.loads(s3.read("report.json"))
     assert report["config"]["train"]["backend"] == "jax"
     # The members are the plan's: seeds, splits, strengths.
     planned, reported = planned_and_reported(report, ["ensemble.members=2"], round=1)
@@ -83,7 +106,12 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     assert all(entry["holdout_accuracy"] > 0.7 and len(entry["holdout_interval"]) == 2 for entry in rounds)
     assert rounds[1]["holdout_accuracy"] == report["ensemble"]["holdout_accuracy"]
     assert "round 1 (2 members, with " in second.output and "n/a" in second.output  # summary: no val accuracy
-    assert len((output / "submission.csv").read_text().splitlines()) == 501
+    files = s3.files()
+    assert {"config.json", "groups.json", "holdout.npz", "submission.csv", "report.json", "report.html"} <= set(files)
+    for member in report["members"]:
+        assert {f"{member['checkpoint']}/{name}" for name in ("model.keras", "state.json", "logits.npz")} <= set(files)
+    submission = s3.read("submission.csv").decode()
+    assert len(submission.splitlines()) == 501
 
     # Tracked in MLflow (a local sqlite: store, read back with MLflow's client): one run of the ensemble run,
     # resumed by the second start; under it each group's worker logged its members' epochs.
@@ -95,7 +123,7 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
         [client.get_experiment_by_name("digit-ensemble").experiment_id], "tags.output_dir != ''"
     )  # fmt: skip
     assert f"tracked in MLflow: run {parent.info.run_id} of experiment 'digit-ensemble' at {tracking}" in second.output
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "run"
+    assert parent.info.status == "FINISHED" and parent.info.run_name == s3.prefix
     assert parent.data.params["train.backend"] == "jax" and parent.data.params["ensemble.tta"] == "2"
     assert parent.data.metrics["ensemble/holdout_accuracy"] == report["ensemble"]["holdout_accuracy"]
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -110,5 +138,19 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     # the submission does.
     exported = client.download_artifacts(parent.info.run_id, "model/ensemble.keras", str(tmp_path))
     scores = keras.models.load_model(exported).predict(load_sample()[2][:500], verbose=0)["scores"]
-    submitted = np.loadtxt(output / "submission.csv", delimiter=",", skiprows=1, dtype=int)[:, 1]
+    submitted = np.array([line.split(",")[1] for line in submission.splitlines()[1:]], dtype=int)
     assert (scores.argmax(1) != submitted).sum() <= 1  # computed by TensorFlow here, JAX there: a near-tie may move
+
+    # Re-voted, then used to predict, from the bucket.
+    revote = command("ensemble.revote", "--run", s3.uri, "--method", "majority")
+    assert revote.returncode == 0, revote.stderr[-3000:]
+    assert json.loads(s3.read("report.json"))["ensemble"]["vote"] == "majority"
+    revoted = s3.read("submission.csv").decode().splitlines()
+    write_kaggle_csv(tmp_path / "test.csv", load_sample()[2][:50], None)
+    predicted = command(
+        "ensemble.predict", "--run", s3.uri, "--input", str(tmp_path / "test.csv"), "--output", str(tmp_path / "p.csv")
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    labels = [line.split(",")[1] for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    expected = [line.split(",")[1] for line in revoted[1:51]]
+    assert sum(a != b for a, b in zip(labels, expected, strict=True)) <= 1  # batch size may move a near-tie
