@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble.data import load_sample, write_kaggle_csv
+from ensemble.data import write_kaggle_csv
 
 from .conftest import REPO
 from .helpers import EnsembleProcess, own_ray_environment, planned_and_reported
@@ -60,7 +60,7 @@ def group_00_checkpoints(s3: S3Bucket) -> dict[str, bytes]:
 
 
 def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a_crash_in_a_bucket(
-    s3_bucket: S3Bucket, tmp_path: Path
+    s3_bucket: S3Bucket, tmp_path: Path, sample
 ) -> None:
     s3, tracking = s3_bucket.fresh(), f"sqlite:///{tmp_path}/mlflow.db"
     args = [*ARGS, "--set", f"tracking.mlflow={tracking}", "--output-dir", s3.uri]
@@ -111,7 +111,7 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     for member in report["members"]:
         assert {f"{member['checkpoint']}/{name}" for name in ("model.keras", "state.json", "logits.npz")} <= set(files)
     submission = s3.read("submission.csv").decode()
-    assert len(submission.splitlines()) == 501
+    assert submission.splitlines()[0] == "ImageId,Label" and len(submission.splitlines()) == 501
 
     # Tracked in MLflow (a local sqlite: store, read back with MLflow's client): one run of the ensemble run,
     # resumed by the second start; under it each group's worker logged its members' epochs.
@@ -137,7 +137,7 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     # The run as one model (ensemble/export.py; a JAX run, exported by TensorFlow) labels the test digits as
     # the submission does.
     exported = client.download_artifacts(parent.info.run_id, "model/ensemble.keras", str(tmp_path))
-    scores = keras.models.load_model(exported).predict(load_sample()[2][:500], verbose=0)["scores"]
+    scores = keras.models.load_model(exported).predict(sample[2][:500], verbose=0)["scores"]
     submitted = np.array([line.split(",")[1] for line in submission.splitlines()[1:]], dtype=int)
     assert (scores.argmax(1) != submitted).sum() <= 1  # computed by TensorFlow here, JAX there: a near-tie may move
 
@@ -146,7 +146,7 @@ def test_members_without_validation_then_a_pseudo_labelled_round_resumed_after_a
     assert revote.returncode == 0, revote.stderr[-3000:]
     assert json.loads(s3.read("report.json"))["ensemble"]["vote"] == "majority"
     revoted = s3.read("submission.csv").decode().splitlines()
-    write_kaggle_csv(tmp_path / "test.csv", load_sample()[2][:50], None)
+    write_kaggle_csv(tmp_path / "test.csv", sample[2][:50], None)
     predicted = command(
         "ensemble.predict", "--run", s3.uri, "--input", str(tmp_path / "test.csv"), "--output", str(tmp_path / "p.csv")
     )
