@@ -27,7 +27,6 @@ LONGEST_FIRST = [
     "test_fault_tolerance.py",
     "test_end_to_end.py",
     "test_autoscaling.py",
-    "test_full_disk.py",
     "test_on_gpu_script.py",
     "test_bench.py",
     "test_tune.py",

@@ -1,12 +1,14 @@
-"""Crashes must not lose finished work: real Ray, real processes, real kills."""
+"""Crashes and a full disk must not lose finished work: real Ray, real processes, real kills, a real full disk."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -15,6 +17,7 @@ import pytest
 
 import ensemble.augment  # noqa: F401  (registers RandomAffine, the first layer of every saved member)
 from ensemble.data import load_sample, write_kaggle_csv
+from ensemble.run import WHAT_IS_KEPT
 from ensemble.rundir import final_checkpoint
 from ensemble.storage import Storage
 from ensemble.vote import vote
@@ -35,13 +38,50 @@ SMALL = ["--config", "configs/quickstart.yaml", "--set", "data.max_train_rows=10
 SMALL += ["--set", "model.bn_momentum=0.6", "--set", "data.max_test_rows=200"]
 
 
-def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_path: Path) -> None:
-    """Every way a group of members can die, in two runs of three members in two groups (member-00 and member-01
-    train together, member-02 alone), one group at a time, a finished member's file damaged between them, with
-    mixed bfloat16 (meant for GPUs, here on the CPU) and the options a resume must carry across: cosine
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[tuple[Path, bool]]:
+    """A folder for the run's output dir, and whether it is a tmpfs of its own (64 MiB) that a test may fill: root
+    only (CI runs as root). Unmounted at the end."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True)
+    try:
+        yield folder, mounted.returncode == 0
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def stopped_by_a_full_disk(args: list[str], output: Path, folder: Path) -> str:
+    """A rerun whose disk fills while member-02 trains, before its next checkpoint: the run stops in one line
+    and votes nothing. Then space is freed. Its output."""
+    full = EnsembleProcess(*args, "--set", "resources.max_failures=0")
+    full.wait_for(r"^member-02: resuming after epoch 1$")
+    filler = folder / "filler"
+    with filler.open("wb") as out:  # all but 64 KiB of the disk: no checkpoint, nor a megabyte's probe, fits
+        stat = os.statvfs(folder)
+        out.write(bytes(stat.f_bavail * stat.f_frsize - 2**16))
+    assert full.finish() == 1, full.output[-3000:]
+    errors = [line for line in full.output.splitlines() if line.startswith("error:")]
+    assert errors == [full.output.splitlines()[-1]], full.output[-3000:]  # one line, the last
+    assert errors[0].startswith(f"error: output dir {output}: cannot be written (")
+    assert "No space left on device" in errors[0] and errors[0].endswith(f"; {WHAT_IS_KEPT}")
+    assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
+    assert not re.search(r"^member-02 epoch [23]:", full.output, re.MULTILINE)
+    filler.unlink()
+    return full.output
+
+
+def test_kills_crashes_and_a_full_disk_keep_finished_work_and_reruns_resume_the_rest(
+    disk: tuple[Path, bool], tmp_path: Path
+) -> None:
+    """Every way a group of members can die, in three runs of three members in two groups (member-00 and member-01
+    train together, member-02 alone), one group at a time, a finished member's file damaged after the first,
+    with mixed bfloat16 (meant for GPUs, here on the CPU) and the options a resume must carry across: cosine
     annealing, the weights' moving average, test-time augmentation and the weighted vote. Then the finished run
     is re-voted and predicts."""
-    output = tmp_path / "run"
+    folder, mounted = disk
+    output = folder / "run"
     args = [*SMALL, "--output-dir", str(output), "--set", "ensemble.members=3", "--set", "train.max_epochs=3"]
     args += ["--set", "resources.members_per_worker=2", "--set", "resources.max_parallel_members=1"]
     args += ["--set", "train.precision=mixed_bfloat16", "--set", "train.schedule=cosine", "--set", "train.ema=0.9"]
@@ -62,21 +102,25 @@ def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_pat
     assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
     # member-00's logits cut short since (a copy interrupted): the rerun must name the file, and its finished
     # group, restored from that final checkpoint, predict again without training.
-    folder = final_checkpoint(Storage(str(output)), "group-00")
-    assert folder, "member-00 and member-01 did not finish in the first run"
-    logits = output / folder / "member-00" / "logits.npz"
+    checkpoint = final_checkpoint(Storage(str(output)), "group-00")
+    assert checkpoint, "member-00 and member-01 did not finish in the first run"
+    logits = output / checkpoint / "member-00" / "logits.npz"
     logits.write_bytes(logits.read_bytes()[:1000])
 
-    # 2. The rerun does not train the finished group again; member-02 resumes after its epoch 1, and its worker
-    # dies with no retries left: the two finished members may vote.
+    # 2. The reruns do not train the finished group again: the first to find member-00's file damaged says so and
+    # the group predicts again. member-02 resumes after its epoch 1, and the disk fills (where the test can
+    # mount one): the rerun stops in one line; once space is freed, the same command resumes member-02 after
+    # its epoch 1 again. Its worker then dies with no retries left: the two finished members may vote.
     # (Fewer finished members than required: tests/test_cluster_job.py, a member that fails at once.)
+    reruns = stopped_by_a_full_disk(args, output, folder) if mounted else ""
     second = EnsembleProcess(*args, "--set", "resources.max_failures=0", "--set", "ensemble.min_members=2")
     second.wait_for(r"^member-02: resuming after epoch 1$")
     os.kill(second.train_worker_pid(), signal.SIGKILL)
     assert second.finish() == 0, second.output[-3000:]
-    damaged = f"member-00: {folder}/member-00/logits.npz cannot be read (BadZipFile: File is not a zip file)"
-    assert f"{damaged}; its group runs again" in second.output
-    assert "member-00 epoch" not in second.output and "member-01 epoch" not in second.output
+    reruns += second.output
+    damaged = f"member-00: {checkpoint}/member-00/logits.npz cannot be read (BadZipFile: File is not a zip file)"
+    assert reruns.count(f"{damaged}; its group runs again") == 1
+    assert "member-00 epoch" not in reruns and "member-01 epoch" not in reruns
     report = json.loads((output / "report.json").read_text())
     ensemble = report["ensemble"]
     assert ensemble["members"] == ["member-00", "member-01"]
@@ -145,3 +189,5 @@ def test_kills_and_crashes_keep_finished_work_and_reruns_resume_the_rest(tmp_pat
     labels = [line.split(",")[1] for line in (tmp_path / "predicted.csv").read_text().splitlines()[1:]]
     expected = [line.split(",")[1] for line in submission.splitlines()[1:51]]
     assert sum(a != b for a, b in zip(labels, expected, strict=True)) <= 1  # batch size may move a near-tie
+    if not mounted:
+        pytest.skip("the rest passed; the full disk needs a tmpfs of its own, which only root can mount (CI can)")
