@@ -57,13 +57,13 @@ def stopped_by_a_full_disk(args: list[str], output: Path, folder: Path) -> str:
     and votes nothing. Then space is freed. Its output."""
     full = EnsembleProcess(*args, "--set", "resources.max_failures=0")
     full.wait_for(r"^member-02: resuming after epoch 1$")
-    filler = folder / "filler"
-    with filler.open("wb") as out:  # all but 64 KiB of the disk: no checkpoint, nor a megabyte's probe, fits
-        stat = os.statvfs(folder)
-        out.write(bytes(stat.f_bavail * stat.f_frsize - 2**16))
+    # All but 64 KiB of the disk: neither member-02's next checkpoint nor the run's 1 MiB write probe fits.
+    filler, free = folder / "filler", os.statvfs(folder)
+    filler.write_bytes(bytes(free.f_bavail * free.f_frsize - 2**16))
     assert full.finish() == 1, full.output[-3000:]
-    errors = [line for line in full.output.splitlines() if line.startswith("error:")]
-    assert errors == [full.output.splitlines()[-1]], full.output[-3000:]  # one line, the last
+    lines = full.output.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == lines[-1:], full.output[-3000:]  # one line, the last
     assert errors[0].startswith(f"error: output dir {output}: cannot be written (")
     assert "No space left on device" in errors[0] and errors[0].endswith(f"; {WHAT_IS_KEPT}")
     assert not (output / "submission.csv").exists() and not (output / "report.json").exists()
